@@ -1,0 +1,631 @@
+"""Convert diffusers ``UNet2DModel`` DDPM checkpoints into diffjax runs.
+
+The official DDPM weights of Ho et al. 2020 (``google/ddpm-cifar10-32``,
+``google/ddpm-ema-cifar10-32``, ``google/ddpm-{celebahq,church,bedroom,cat}-256`` and their EMA
+versions) are published as diffusers folders: a ``UNet2DModel`` ``config.json`` with its
+``diffusion_pytorch_model.safetensors`` (at the root or under ``unet/``; a pipeline folder has a
+``model_index.json`` naming the component folders) and a ``scheduler_config.json`` (at the root or
+under ``scheduler/``). The tensors are read with ``safetensors.numpy``: no torch at conversion.
+
+Mapping (diffusers -> diffjax, see the param tree in ``diffjax.models.unet``):
+
+- architecture: ``ch = block_out_channels[0]``, ``ch_mult = block_out_channels / ch``,
+  ``num_res_blocks = layers_per_block``, ``attn_resolutions`` = the heights of the levels whose
+  down block is ``AttnDownBlock2D``; conv resampling; dropout 0 (inference).
+- tensors: conv ``[O, I, kh, kw] -> [kh, kw, I, O]``; linear ``[out, in] -> [in, out]``; 1x1 convs
+  (``conv_shortcut``) -> Dense kernels; GroupNorm ``weight -> scale``; ``up_blocks.k`` is diffjax
+  level ``L - 1 - k``. Attention projections under their current (``to_q``, ``to_out.0``) or legacy
+  (``query``, ``proj_attn``) names. Every source tensor must be consumed and every diffjax
+  parameter filled with its exact shape.
+- diffusion: the scheduler's betas (recomputed in float64 from its ``beta_schedule``) must equal a
+  diffjax schedule at the same T within float32 precision, since a diffjax config names its
+  schedule; anything else (other endpoints, ``trained_betas`` of no named schedule) is a
+  ValueError. ``variance_type`` fixed_small(_log) / fixed_large(_log) / learned_range and
+  ``prediction_type`` epsilon / sample / v_prediction map to var_type and mean_type (eps/x0/v).
+  Without a scheduler config, diffusers' ``DDPMScheduler`` defaults (Ho et al. 2020's linear
+  1e-4..0.02 at T=1000, fixed_small, epsilon) apply.
+
+Only what computes exactly like the DDPM U-Net is accepted: a sinusoidal embedding in
+[sin, cos] order with frequencies exp(-j log(10000) / (half - 1)) (``flip_sin_to_cos=False,
+freq_shift=1``), GroupNorm with 32 groups and eps 1e-6, single-head attention, TF-"SAME" stride-2
+downsampling (``downsample_padding=0``: pad 0 before and 1 after), no class embedding. Anything
+else is a ValueError naming the config key and value. A config without ``attention_head_dim``
+(as written by diffusers 0.0.x, the official DDPM folders) means single-head attention, the
+architecture those weights were trained with.
+
+Command line::
+
+    python -m diffjax.convert --from=DIR_OR_HUB_ID --to=RUN [--ema_from=DIR] [--dataset=NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import safetensors.numpy
+from etils import epath
+
+from diffjax import checkpointing, diffusion, schedules
+from diffjax.models import create_model
+
+__all__ = [
+    "DiffusersFolder",
+    "convert",
+    "convert_unet_params",
+    "diffusion_config_from_scheduler",
+    "locate",
+    "main",
+    "make_config",
+    "model_config_from_unet",
+    "read_diffusers",
+    "read_tensors",
+]
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+EXIT_USAGE = 2
+_PROG = "diffjax.convert"
+
+# UNet2DModel.__init__ defaults (diffusers 0.42), used for keys a config.json leaves out. Only
+# attention_head_dim differs: its absence means the single head of diffusers 0.0.x configs.
+_UNET_DEFAULTS: dict[str, Any] = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
+    "flip_sin_to_cos": True, "mid_block_type": "UNetMidBlock2D", "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
+    "upsample_type": "conv", "act_fn": "silu", "attention_head_dim": None, "norm_num_groups": 32,
+    "attn_norm_num_groups": None, "norm_eps": 1e-5, "resnet_time_scale_shift": "default",
+    "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+}  # fmt: skip
+
+# Config values that compute exactly as the DDPM U-Net: key -> allowed values.
+_REQUIRED: dict[str, tuple[Any, ...]] = {
+    "time_embedding_type": ("positional",),
+    "flip_sin_to_cos": (False,),  # [sin, cos] order
+    "freq_shift": (1,),  # frequencies exp(-j log(10000) / (half - 1))
+    "norm_num_groups": (32,),
+    "attn_norm_num_groups": (None, 32),
+    "norm_eps": (1e-6,),  # tf.contrib group_norm's epsilon
+    "act_fn": ("silu", "swish"),
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "mid_block_scale_factor": (1,),
+    "resnet_time_scale_shift": ("default",),
+    "downsample_padding": (0,),  # pad (0, 1) then stride 2, as TF "SAME"; 1 pads (1, 1)
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "add_attention": (True,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+}
+
+# Block type -> has attention ("UNetRes" prefixes are aliases in diffusers).
+_DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
+
+_RESNET = {
+    "norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2",
+    "conv2": "conv2", "conv_shortcut": "nin_shortcut",
+}  # fmt: skip
+_ATTN = {
+    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+}  # fmt: skip
+_RESAMPLE = {"conv": "conv", "Conv2d_0": "conv"}  # diffusers registers the conv under both
+
+
+# diffusers module (regex; a sub-layer from the table follows when there is one) -> diffjax
+# module. Group "down" is the level, "up" an up_blocks index k (level L - 1 - k), "i" the index.
+_MODULES: tuple[tuple[re.Pattern, str, Mapping[str, str] | None], ...] = tuple(
+    (re.compile(pattern + (r"\.(?P<layer>.+)" if table else "")), target, table)
+    for pattern, target, table in (
+        (r"conv_in", "conv_in", None),
+        (r"time_embedding\.linear_1", "temb_dense_0", None),
+        (r"time_embedding\.linear_2", "temb_dense_1", None),
+        (r"down_blocks\.(?P<down>\d+)\.resnets\.(?P<i>\d+)", "down_{level}_block_{i}", _RESNET),
+        (r"down_blocks\.(?P<down>\d+)\.attentions\.(?P<i>\d+)", "down_{level}_attn_{i}", _ATTN),
+        (r"down_blocks\.(?P<down>\d+)\.downsamplers\.0", "down_{level}_downsample", _RESAMPLE),
+        (r"mid_block\.resnets\.0", "mid_block_1", _RESNET),
+        (r"mid_block\.attentions\.0", "mid_attn", _ATTN),
+        (r"mid_block\.resnets\.1", "mid_block_2", _RESNET),
+        (r"up_blocks\.(?P<up>\d+)\.resnets\.(?P<i>\d+)", "up_{level}_block_{i}", _RESNET),
+        (r"up_blocks\.(?P<up>\d+)\.attentions\.(?P<i>\d+)", "up_{level}_attn_{i}", _ATTN),
+        (r"up_blocks\.(?P<up>\d+)\.upsamplers\.0", "up_{level}_upsample", _RESAMPLE),
+        (r"conv_norm_out", "norm_out", None),
+        (r"conv_out", "conv_out", None),
+    )
+)  # fmt: skip
+
+# (source ndim, target ndim) -> PyTorch layout to flax layout.
+_LAYOUTS: dict[tuple[int, int], Callable[[np.ndarray], np.ndarray]] = {
+    (4, 4): lambda w: w.transpose(2, 3, 1, 0),  # conv OIHW -> HWIO
+    (4, 2): lambda w: w[:, :, 0, 0].T if w.shape[2:] == (1, 1) else None,  # 1x1 conv -> Dense
+    (2, 2): lambda w: w.T,  # linear [out, in] -> [in, out]
+    (1, 1): lambda w: w,
+}
+
+# diffusers scheduler beta_schedule -> float64 betas (T, beta_start, beta_end), as diffusers'
+# DDPMScheduler computes them.
+_SCHEDULER_BETAS: dict[str, Callable[[int, float, float], np.ndarray]] = {
+    "linear": lambda t, b0, b1: np.linspace(b0, b1, t, dtype=np.float64),
+    "scaled_linear": lambda t, b0, b1: np.linspace(b0**0.5, b1**0.5, t, dtype=np.float64) ** 2,
+    "squaredcos_cap_v2": lambda t, b0, b1: _glide_cosine(t),
+    "sigmoid": lambda t, b0, b1: b0 + (b1 - b0) / (1.0 + np.exp(-np.linspace(-6.0, 6.0, t))),
+}
+_VAR_TYPES = {
+    "fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
+    "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
+    "learned_range": "learned_range",
+}  # fmt: skip
+_MEAN_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# diffusers DDPMScheduler defaults, for keys a scheduler config leaves out.
+_SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "variance_type": "fixed_small", "prediction_type": "epsilon",
+    "clip_sample": True, "clip_sample_range": 1.0, "thresholding": False,
+    "rescale_betas_zero_snr": False,
+}  # fmt: skip
+# Betas are float32 in diffusers and in a diffjax Schedule: agreement to 1e-6 is agreement.
+_BETAS_RTOL = 1e-6
+
+# Folder-name pattern -> diffjax dataset name (data.name), as in the google/ddpm-* names.
+_DATASET_GUESSES = (
+    (r"cifar-?10", "cifar10"), (r"celeb_?a?[_-]?hq", "celeb_a_hq"), (r"church", "lsun_church"),
+    (r"bedroom", "lsun_bedroom"), (r"(?<![a-z])cat(?![a-z])", "lsun_cat"),
+)  # fmt: skip
+# A Hub snapshot is .../models--google--ddpm-cat-256/snapshots/<hash>/[unet]: 4 names suffice.
+_GUESS_DEPTH = 4
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_EVAL_SPLITS = {"celeb_a_hq": "train", "lsun_church": "validation", "lsun_bedroom": "validation"}
+
+
+def _glide_cosine(num_timesteps: int) -> np.ndarray:
+    # diffusers betas_for_alpha_bar: Nichol & Dhariwal 2021 eq. 17 with s = 0.008, cap 0.999.
+    s = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+
+
+class DiffusersFolder(NamedTuple):
+    """A located diffusers model: its folder, UNet config and scheduler config (or None)."""
+
+    unet_dir: Path
+    unet_config: dict[str, Any]
+    scheduler_config: dict[str, Any] | None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _first_existing(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def locate(src: str | Path) -> DiffusersFolder:
+    """Find the UNet2DModel and scheduler configs in a pipeline, ``unet/`` or flat folder."""
+    root = Path(src)
+    index = root / "model_index.json"
+    unet_name, sched_name = "unet", "scheduler"
+    if index.is_file():
+        components = {k: v for k, v in _read_json(index).items() if isinstance(v, list)}
+        unets = [k for k, v in components.items() if v[-1] == "UNet2DModel"]
+        if not unets:
+            raise ValueError(f"{index} names no UNet2DModel component; components: {components}")
+        unet_name = unets[0]
+        sched_name = next((k for k, v in components.items() if "Scheduler" in str(v[-1])), "")
+    config = _first_existing(root / unet_name / "config.json", root / "config.json")
+    if config is None:
+        raise ValueError(
+            f"no UNet2DModel config.json in {root} (looked in {root / unet_name} and {root})"
+        )
+    scheduler = _first_existing(
+        *((root / sched_name / "scheduler_config.json",) if sched_name else ()),
+        root / "scheduler_config.json",
+        root.parent / "scheduler" / "scheduler_config.json",  # src is a pipeline's unet/
+    )
+    return DiffusersFolder(
+        config.parent, _read_json(config), None if scheduler is None else _read_json(scheduler)
+    )
+
+
+def read_tensors(unet_dir: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of ``diffusion_pytorch_model.safetensors`` (or its shards), as numpy."""
+    folder = Path(unet_dir)
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (folder / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise ValueError(
+            f"no {WEIGHTS_NAME} in {folder} (found: {sorted(p.name for p in folder.iterdir())}); "
+            "a .bin checkpoint must first be re-saved as safetensors, e.g. with diffusers' "
+            "UNet2DModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        tensors.update(safetensors.numpy.load_file(folder / name))
+    return tensors
+
+
+def _unet_value(cfg: Mapping[str, Any], key: str) -> Any:
+    return cfg.get(key, _UNET_DEFAULTS.get(key))
+
+
+def _unsupported(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"unsupported UNet2DModel config {key}={value!r}; diffjax supports {allowed}")
+
+
+def _is_allowed(value: Any, allowed: tuple[Any, ...]) -> bool:
+    # Booleans match only booleans: JSON true is no freq_shift of 1.
+    return any(
+        (value is a) if isinstance(a, bool) or isinstance(value, bool) else value == a
+        for a in allowed
+    )
+
+
+def _block_attention(cfg: Mapping[str, Any], key: str, table: Mapping[str, bool]) -> list[bool]:
+    """Per block of ``cfg[key]``, whether it has attention."""
+    attn = []
+    for i, block in enumerate(_unet_value(cfg, key)):
+        name = str(block).removeprefix("UNetRes")  # diffusers' alias prefix
+        if name not in table:
+            raise _unsupported(f"{key}[{i}]", block, " or ".join(table))
+        attn.append(table[name])
+    return attn
+
+
+def _attention_levels(cfg: Mapping[str, Any]) -> list[bool]:
+    """Per level, whether it has attention; the up path (in reverse) must agree with the down."""
+    down = _block_attention(cfg, "down_block_types", _DOWN_BLOCKS)
+    up = _block_attention(cfg, "up_block_types", _UP_BLOCKS)
+    if down != up[::-1]:
+        raise _unsupported(
+            "up_block_types",
+            list(_unet_value(cfg, "up_block_types")),
+            "attention at the levels of down_block_types, in reverse order",
+        )
+    return down
+
+
+def model_config_from_unet(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """diffjax ``data`` and ``model`` fields of a UNet2DModel config; ValueError if unsupported.
+
+    :return: ``{"image_size", "channels", "out_channels", "model": {...}}``.
+    """
+    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise _unsupported("_class_name", cfg["_class_name"], "UNet2DModel")
+    for key, allowed in _REQUIRED.items():
+        value = _unet_value(cfg, key)
+        if not _is_allowed(value, allowed):
+            raise _unsupported(key, value, " or ".join(map(repr, allowed)))
+    attn = _attention_levels(cfg)
+    channels = [int(c) for c in _unet_value(cfg, "block_out_channels")]
+    if len(channels) != len(attn):
+        raise _unsupported("block_out_channels", channels, f"{len(attn)} levels")
+    ch = channels[0]
+    if any(c % ch for c in channels):
+        raise _unsupported("block_out_channels", channels, f"multiples of the first ({ch})")
+    if _unet_value(cfg, "time_embedding_dim") not in (None, 4 * ch):
+        raise _unsupported("time_embedding_dim", cfg["time_embedding_dim"], f"None or {4 * ch}")
+    head_dim = _unet_value(cfg, "attention_head_dim")
+    for level, c in [(i, c) for i, c in enumerate(channels) if attn[i]] + [("mid", channels[-1])]:
+        if head_dim not in (None, c):
+            raise _unsupported(
+                "attention_head_dim",
+                head_dim,
+                f"None or the channel count (single-head attention); level {level} has {c} "
+                f"channels, i.e. {c // head_dim} heads",
+            )
+    size = _unet_value(cfg, "sample_size")
+    sizes = size if isinstance(size, list | tuple) else [size, size]
+    if not isinstance(sizes[0], int) or sizes[0] != sizes[1]:
+        raise _unsupported("sample_size", size, "a square size (an int)")
+    return {
+        "image_size": sizes[0],
+        "channels": int(_unet_value(cfg, "in_channels")),
+        "out_channels": int(_unet_value(cfg, "out_channels")),
+        "model": {
+            "ch": ch,
+            "ch_mult": tuple(c // ch for c in channels),
+            "num_res_blocks": int(_unet_value(cfg, "layers_per_block")),
+            "attn_resolutions": tuple(sizes[0] // 2**i for i, a in enumerate(attn) if a),
+            "dropout": 0.0,
+            "resamp_with_conv": True,
+            "dtype": "float32",
+            "num_classes": 0,
+        },
+    }
+
+
+def diffusion_config_from_scheduler(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """diffjax ``diffusion`` fields (and ``clip_denoised``) of a diffusers scheduler config."""
+    sched = {**_SCHEDULER_DEFAULTS, **(cfg or {})}
+    for key, bad in (("thresholding", True), ("rescale_betas_zero_snr", True)):
+        if sched[key] == bad:
+            raise ValueError(f"unsupported scheduler config {key}={bad!r}; diffjax supports False")
+    if sched["clip_sample"] and sched["clip_sample_range"] != 1.0:
+        raise ValueError(
+            f"unsupported scheduler config clip_sample_range={sched['clip_sample_range']!r}; "
+            "diffjax clips x_0 to [-1, 1]"
+        )
+    for key, table in (("variance_type", _VAR_TYPES), ("prediction_type", _MEAN_TYPES)):
+        if sched[key] not in table:
+            raise ValueError(
+                f"unsupported scheduler config {key}={sched[key]!r}; allowed: {', '.join(table)}"
+            )
+    t = int(sched["num_train_timesteps"])
+    if sched["trained_betas"] is not None:
+        betas = np.asarray(sched["trained_betas"], dtype=np.float64)
+        what = "trained_betas"
+    elif sched["beta_schedule"] in _SCHEDULER_BETAS:
+        betas = _SCHEDULER_BETAS[sched["beta_schedule"]](t, sched["beta_start"], sched["beta_end"])
+        what = (
+            f"beta_schedule={sched['beta_schedule']!r} (beta_start={sched['beta_start']}, "
+            f"beta_end={sched['beta_end']})"
+        )
+    else:
+        raise ValueError(
+            f"unsupported scheduler config beta_schedule={sched['beta_schedule']!r}; "
+            f"allowed: {', '.join(_SCHEDULER_BETAS)}"
+        )
+    name = next(
+        (
+            n
+            for n in schedules.SCHEDULES
+            if betas.shape == (t,)
+            and np.allclose(schedules.get_betas(n, t), betas, rtol=_BETAS_RTOL)
+        ),
+        None,
+    )
+    if name is None:
+        raise ValueError(
+            f"scheduler {what} at num_train_timesteps={t} equals no diffjax schedule; "
+            f"allowed: {', '.join(schedules.SCHEDULES)} as diffjax.schedules.get_betas(name, {t})"
+        )
+    var_type = _VAR_TYPES[sched["variance_type"]]
+    return {
+        "schedule": name,
+        "num_timesteps": t,
+        "mean_type": _MEAN_TYPES[sched["prediction_type"]],
+        "var_type": var_type,
+        "loss_type": "hybrid" if var_type == "learned_range" else "simple",
+        "clip_denoised": bool(sched["clip_sample"]),
+    }
+
+
+def _guess_dataset(folder: Path) -> str:
+    """The dataset named in the innermost of the last few folder names that names one."""
+    parts = folder.resolve().parts[::-1][:_GUESS_DEPTH]
+    for part in parts:
+        for pattern, name in _DATASET_GUESSES:
+            if re.search(pattern, part.lower()):
+                return name
+    raise ValueError(
+        f"cannot tell the dataset from the folder names {list(parts[::-1])}; name it "
+        "(dataset=..., --dataset=NAME), e.g. "
+        + ", ".join(dict.fromkeys(n for _, n in _DATASET_GUESSES))
+    )
+
+
+def make_config(
+    unet_config: Mapping[str, Any],
+    scheduler_config: Mapping[str, Any] | None,
+    dataset: str,
+) -> ml_collections.ConfigDict:
+    """A complete diffjax config (schema of configs/*.py) for a converted model.
+
+    Training and optimizer fields take the paper's CIFAR-10 values (Ho et al. 2020 appendix B);
+    they matter only when training continues from the converted weights.
+    """
+    arch = model_config_from_unet(unet_config)
+    diff = diffusion_config_from_scheduler(scheduler_config)
+    clip = diff.pop("clip_denoised")
+    expected = diffusion.model_output_channels(arch["channels"], diff["var_type"])
+    if arch["out_channels"] != expected:
+        raise ValueError(
+            f"unsupported UNet2DModel config out_channels={arch['out_channels']}; with in_channels="
+            f"{arch['channels']} and var_type={diff['var_type']!r} it must be {expected}"
+        )
+    data = dict(
+        name=dataset, data_dir=None, image_size=arch["image_size"], channels=arch["channels"],
+        random_flip=True, train_split="train", eval_split=_EVAL_SPLITS.get(dataset, "test"),
+        num_classes=0,
+    )  # fmt: skip
+    training = dict(
+        num_train_steps=800_000, batch_size=128, seed=0, checkpoint_every_steps=10_000,
+        sample_every_steps=10_000, log_every_steps=100, keep_checkpoints=3, ema_decay=0.9999,
+        class_dropout=0.0, nan_policy="stop", max_consecutive_skips=10,
+    )  # fmt: skip
+    optimizer = dict(
+        learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
+    sampling = dict(
+        num_samples=50_000, sampler="ddpm", num_steps=0, eta=0.0, clip_denoised=clip,
+        guidance_scale=0.0,
+    )  # fmt: skip
+    return ml_collections.ConfigDict(
+        dict(data=data, model=arch["model"], diffusion=diff, training=training,
+             optimizer=optimizer, sampling=sampling)
+    )  # fmt: skip
+
+
+def _expected_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """'module/.../leaf' -> shape of every parameter of the diffjax U-Net for ``config``."""
+    model = create_model(config)
+    size, c = config.data.image_size, config.data.channels
+    x = jnp.zeros((1, size, size, c), jnp.float32)  # [1, H, W, C]
+    t = jnp.zeros((1,), jnp.int32)
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))["params"]
+    return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def _target_of(key: str, ndim: int, num_levels: int) -> str | None:
+    """The diffjax parameter path of diffusers tensor ``key`` (of rank ``ndim``), or None."""
+    module, _, leaf = key.rpartition(".")
+    leaf = {"bias": "bias", "weight": "scale" if ndim == 1 else "kernel"}.get(leaf)
+    for pattern, target, table in _MODULES:
+        m = pattern.fullmatch(module)
+        if m is None:
+            continue
+        g = m.groupdict()
+        layer = table.get(g["layer"]) if table else ""
+        if leaf is None or layer is None:
+            return None
+        level = int(g["down"]) if g.get("down") else num_levels - 1 - int(g.get("up") or 0)
+        name = target.format(level=level, i=g.get("i"))
+        return "/".join(p for p in (name, layer, leaf) if p)
+    return None
+
+
+def convert_unet_params(
+    tensors: Mapping[str, np.ndarray], config: ml_collections.ConfigDict
+) -> dict[str, Any]:
+    """The diffjax ``params`` tree (float32 numpy) of UNet2DModel tensors, for ``config``.
+
+    ValueError when a tensor has no place, a parameter stays unfilled, or a shape differs.
+    """
+    expected = _expected_shapes(config)
+    num_levels = len(config.model.ch_mult)
+    out: dict[str, np.ndarray] = {}
+    source_of: dict[str, str] = {}
+    unknown = []
+    for key in sorted(tensors):
+        w = np.asarray(tensors[key], dtype=np.float32)
+        path = _target_of(key, w.ndim, num_levels)
+        if path is None or path not in expected:
+            unknown.append(f"{key} {w.shape}" + (f" -> {path}" if path else ""))
+            continue
+        layout = _LAYOUTS.get((w.ndim, len(expected[path])))
+        flax_w = None if layout is None else layout(w)
+        if flax_w is None or flax_w.shape != expected[path]:
+            raise ValueError(
+                f"tensor {key} of shape {w.shape} does not fit diffjax parameter {path} of "
+                f"shape {expected[path]}"
+            )
+        if path in out and not np.array_equal(out[path], flax_w):
+            raise ValueError(f"tensors {source_of[path]} and {key} both map to {path} but differ")
+        out[path], source_of[path] = flax_w, key
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} tensor(s) have no place in the diffjax U-Net: {'; '.join(unknown[:8])}"
+        )
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} diffjax parameter(s) not in the checkpoint: {', '.join(missing[:8])}"
+        )
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def read_diffusers(
+    src: str | Path, dataset: str | None = None
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """(diffjax config, params) of a diffusers UNet2DModel folder; see the module docstring."""
+    folder = locate(src)
+    name = dataset or _guess_dataset(Path(src))
+    config = make_config(folder.unet_config, folder.scheduler_config, name)
+    return config, convert_unet_params(read_tensors(folder.unet_dir), config)
+
+
+def _local(src: str | Path) -> Path:
+    """``src`` itself, or for a Hub id (``owner/name``, not a local path) a local snapshot."""
+    if Path(src).exists() or not _HUB_ID.fullmatch(str(src)):
+        return Path(src)
+    repo_id = str(src)
+    try:
+        import huggingface_hub  # optional: only for hub ids
+    except ImportError as e:
+        raise ValueError(
+            f"{repo_id!r} is no local folder, and downloading it needs huggingface_hub "
+            "(pip install 'diffjax[convert]')"
+        ) from e
+    files = ["*.json", "*.safetensors", "*.safetensors.index.json"]
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=files))
+    except Exception as e:  # network, authentication or unknown repository
+        raise ValueError(f"cannot download {repo_id!r} from the Hugging Face Hub: {e}") from e
+
+
+def convert(
+    src: str | Path,
+    workdir: str,
+    *,
+    ema_src: str | Path | None = None,
+    dataset: str | None = None,
+    step: int = 0,
+) -> ml_collections.ConfigDict:
+    """Write a diffjax inference run (config.json + orbax checkpoint) from diffusers weights.
+
+    :param src: a diffusers folder, or a Hub id such as ``google/ddpm-ema-cifar10-32``.
+    :param workdir: the run directory to write (local path or gs://).
+    :param ema_src: optional second folder for ``ema_params`` (e.g. the ``ddpm-ema-*`` weights,
+        ``src`` then giving ``params``); its config must convert to the same diffjax config.
+        Without it, ``params`` and ``ema_params`` are both the weights of ``src``.
+    :param dataset: diffjax dataset name (data.name); guessed from the folder name if None.
+    :param step: the checkpoint step to record.
+    :return: the config written.
+    """
+    if (epath.Path(workdir) / "config.json").exists():
+        raise ValueError(f"{workdir} already holds a run (config.json); choose a new workdir")
+    config, params = read_diffusers(_local(src), dataset)
+    ema_params = params
+    if ema_src is not None:
+        ema_config, ema_params = read_diffusers(_local(ema_src), config.data.name)
+        if ema_config.to_dict() != config.to_dict():
+            raise ValueError(f"{ema_src} converts to another config than {src}")
+    checkpointing.save_inference_run(workdir, config, params, ema_params, step)
+    return config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        _fail(message)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m diffjax.convert --from=DIR --to=RUN``; errors: one line, exit status 2."""
+    parser = _Parser(prog=f"python -m {_PROG}", description=__doc__.split("\n")[0])
+    parser.add_argument("--from", dest="src", required=True, help="diffusers folder or Hub id")
+    parser.add_argument("--to", dest="workdir", required=True, help="diffjax run directory")
+    parser.add_argument("--ema_from", default=None, help="optional folder for ema_params")
+    parser.add_argument("--dataset", default=None, help="data.name (default: from the folder)")
+    parser.add_argument("--step", type=int, default=0, help="checkpoint step to record")
+    args = parser.parse_args(argv)
+    try:
+        config = convert(
+            args.src, args.workdir, ema_src=args.ema_from, dataset=args.dataset, step=args.step
+        )
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    m, d = config.model, config.diffusion
+    print(
+        f"wrote {args.workdir}: {config.data.name} {config.data.image_size}px, ch={m.ch} "
+        f"ch_mult={m.ch_mult} attn={m.attn_resolutions}, {d.schedule} T={d.num_timesteps} "
+        f"{d.mean_type}/{d.var_type}"
+    )
+
+
+if __name__ == "__main__":
+    main()
