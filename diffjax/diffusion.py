@@ -63,7 +63,10 @@ def q_mean_variance(s: Schedule, x0: Array, t: Array) -> tuple[Array, Array, Arr
     """
     _check_batch(t, x0)
     mean = extract(s.sqrt_alphas_cumprod, t, x0.ndim) * x0
-    variance = jnp.broadcast_to(extract(1.0 - s.alphas_cumprod, t, x0.ndim), x0.shape)
+    # Not 1 - abar in float32: at small t abar is within a few ulps of 1 and the difference keeps
+    # only ~3 significant digits; the stored square root is exact to float32 rounding.
+    std = extract(s.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+    variance = jnp.broadcast_to(jnp.square(std), x0.shape)
     log_variance = jnp.broadcast_to(extract(s.log_one_minus_alphas_cumprod, t, x0.ndim), x0.shape)
     return mean, variance, log_variance
 

@@ -34,6 +34,9 @@ _LOG2 = float(np.log(2.0))
 HYBRID_LAMBDA = 0.001
 # 8-bit data scaled to [-1, 1] has bins of width 2/255; a pixel at x covers x +- 1/255.
 _HALF_BIN = 1.0 / 255.0
+# Below this the difference of float32 CDFs nears underflow (Phi(-13) ~ 1e-38); the log-space
+# form takes over.
+_MIN_DIRECT_MASS = 1e-20
 
 
 def mean_flat(x: Array) -> Array:
@@ -45,16 +48,13 @@ def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Arr
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
 
     The closed form used for every L_{t-1} of Ho et al. 2020 eq. 5:
-    KL = 1/2 (-1 + logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2)).
-    Arguments broadcast against each other.
+    KL = 1/2 (-1 + logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2)),
+    evaluated as 1/2 (expm1(d) - d + ...) with d = logvar1 - logvar2: the O(|logvar|) terms of
+    the textbook order cancel in float32 to an error ~1e-7 |logvar| that can be negative, while
+    this form is exactly 0 for equal arguments and never negative. Arguments broadcast.
     """
-    return 0.5 * (
-        -1.0
-        + logvar2
-        - logvar1
-        + jnp.exp(logvar1 - logvar2)
-        + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
-    )
+    d = logvar1 - logvar2
+    return 0.5 * ((jnp.expm1(d) - d) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: Array) -> Array:
@@ -63,8 +63,11 @@ def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: A
     ``x`` holds 8-bit values scaled to [-1, 1]; each value owns the bin x +- 1/255 of
     N(means, exp(log_scales)^2), and the edge bins extend to -inf (x = -1) and +inf (x = 1), so
     the 256 bins' probabilities sum to 1. Uses the exact normal CDF (``ndtr``/``log_ndtr``)
-    rather than the official code's tanh approximation, and takes the bin mass from whichever
-    tail is smaller so that far-off bins keep their precision.
+    rather than the official code's tanh approximation. A bin's mass is taken in the lower tail
+    (bins above the mean are mirrored), where the CDF does not round to 1; where even that
+    underflows float32 (bins ~10 standard deviations out) it is computed from ``log_ndtr`` as
+    log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))), so that far-off bins keep a finite,
+    accurate log-probability instead of a clamped one.
     """
     centered = x - means
     inv_std = jnp.exp(-log_scales)
@@ -72,10 +75,20 @@ def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: A
     lower = inv_std * (centered - _HALF_BIN)
     log_cdf_upper = jax.scipy.special.log_ndtr(upper)  # log P(X < upper): the x = -1 bin
     log_sf_lower = jax.scipy.special.log_ndtr(-lower)  # log P(X > lower): the x = +1 bin
+    # P(lower < X < upper) = Phi(b) - Phi(a) with a < b in the lower tail: for a bin above the
+    # mean, P(-upper < X < -lower).
+    above = centered > 0
+    b = jnp.where(above, -lower, upper)
+    a = jnp.where(above, -upper, lower)
     ndtr = jax.scipy.special.ndtr
-    # P(lower < X < upper), computed in the tail where the difference does not cancel.
-    mass = jnp.where(centered > 0, ndtr(-lower) - ndtr(-upper), ndtr(upper) - ndtr(lower))
-    log_mass = jnp.log(jnp.maximum(mass, 1e-30))
+    mass = ndtr(b) - ndtr(a)
+    log_b = jax.scipy.special.log_ndtr(b)
+    log_a = jax.scipy.special.log_ndtr(a)
+    # The gap is clamped away from 0 so that the untaken branch has a finite gradient.
+    log_tail = log_b + jnp.log(-jnp.expm1(jnp.minimum(log_a - log_b, -1e-30)))
+    log_mass = jnp.where(
+        mass > _MIN_DIRECT_MASS, jnp.log(jnp.maximum(mass, _MIN_DIRECT_MASS)), log_tail
+    )
     return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, log_mass))
 
 

@@ -154,13 +154,17 @@ class Schedule:
         """All coefficients from beta_1..beta_T, computed in float64 and stored as float32."""
         b = _check_betas(betas)  # [T] float64
         alphas = 1.0 - b
-        ac = np.cumprod(alphas)
-        ac_prev = np.append(1.0, ac[:-1])
+        # abar_t and 1 - abar_t through log1p/expm1: 1 - cumprod(1 - b) cancels to 0 for betas
+        # below float64 resolution (and loses digits well before), which would make beta tilde
+        # 0/0. beta = 1 gives log abar = -inf from there on: abar = 0 and 1/abar = +inf, exact.
         with np.errstate(divide="ignore"):
-            # beta = 1 gives abar = 0 from there on: the reciprocals are +inf, which is exact.
-            recip_ac = 1.0 / ac
+            log_ac = np.cumsum(np.log1p(-b))  # [T]
+        ac = np.exp(log_ac)
+        one_minus_ac = -np.expm1(log_ac)
+        ac_prev = np.append(1.0, ac[:-1])
+        one_minus_ac_prev = np.append(0.0, one_minus_ac[:-1])
         # Ho et al. eq. 7: beta tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
-        post_var = b * (1.0 - ac_prev) / (1.0 - ac)
+        post_var = b * one_minus_ac_prev / one_minus_ac
         # beta tilde_1 = 0; the official code clips its log with beta tilde_2. With T = 1 there is
         # no second step, and beta_1 (the only variance left) takes its place.
         first = post_var[1] if b.shape[0] > 1 else b[0]
@@ -171,14 +175,15 @@ class Schedule:
             alphas_cumprod=ac,
             alphas_cumprod_prev=ac_prev,
             sqrt_alphas_cumprod=np.sqrt(ac),
-            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
-            log_one_minus_alphas_cumprod=np.log(1.0 - ac),
-            sqrt_recip_alphas_cumprod=np.sqrt(recip_ac),
-            sqrt_recipm1_alphas_cumprod=np.sqrt(recip_ac - 1.0),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_ac),
+            log_one_minus_alphas_cumprod=np.log(one_minus_ac),
+            sqrt_recip_alphas_cumprod=np.exp(-0.5 * log_ac),
+            # 1/abar - 1 = expm1(-log abar), without the cancellation of 1/abar - 1 near abar = 1.
+            sqrt_recipm1_alphas_cumprod=np.sqrt(np.expm1(-log_ac)),
             posterior_variance=post_var,
             posterior_log_variance_clipped=post_log_var,
-            posterior_mean_coef1=b * np.sqrt(ac_prev) / (1.0 - ac),
-            posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+            posterior_mean_coef1=b * np.sqrt(ac_prev) / one_minus_ac,
+            posterior_mean_coef2=one_minus_ac_prev * np.sqrt(alphas) / one_minus_ac,
         )
         return cls(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in fields.items()})
 
@@ -216,6 +221,11 @@ def respace(
             f"got min {steps.min()} and max {steps.max()}"
         )
     steps = np.sort(steps)
-    ac = np.cumprod(1.0 - b)[steps]  # [K]
-    new_betas = 1.0 - ac / np.append(1.0, ac[:-1])
+    # abar_{k_i} / abar_{k_{i-1}} is the product of the alphas over (k_{i-1}, k_i]: summed as logs
+    # per segment, it stays exact for tiny betas (1 - ratio would cancel) and after a beta of 1
+    # (the ratio would be 0/0).
+    with np.errstate(divide="ignore"):
+        log_alphas = np.log1p(-b[: steps[-1] + 1])  # [k_K + 1]
+    starts = np.append(0, steps[:-1] + 1)  # [K] first original step of each new step
+    new_betas = -np.expm1(np.add.reduceat(log_alphas, starts))
     return new_betas, steps.astype(np.int32)
