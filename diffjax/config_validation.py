@@ -1,0 +1,359 @@
+"""Up-front validation of a training config: every problem found at once, one line each.
+
+A run on a preemptible multi-host slice should fail in its first second, not after hours of
+compilation and data loading, and should report every mistake in one go rather than one per
+restart. ``validate_config`` therefore evaluates every rule and raises a single
+:class:`ConfigError` whose message has one line per problem; each line names the key, the bad
+value and what is allowed, e.g.::
+
+    training.batch_size = 30: must be divisible by 8 devices x 2 processes = 16
+
+Rules are data (tables of ``(key, predicate, allowed)``), plus a few cross-field rules that need
+several keys (schedule at T, U-Net geometry, batch sharding).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn, TextIO
+
+from diffjax import diffusion, losses, schedules
+
+__all__ = [
+    "ConfigError",
+    "config_problems",
+    "exit_on_config_error",
+    "exit_with_config_error",
+    "format_config_error",
+    "validate_config",
+]
+
+_MISSING = object()
+GROUPNORM_GROUPS = 32  # diffjax.models.unet.NUM_GROUPS; repeated to keep this import light.
+NAN_POLICIES = ("stop", "skip")
+DTYPES = ("float32", "bfloat16")
+SAMPLERS = ("ddpm", "ddim")
+CONFIG_ERROR_EXIT_CODE = 2  # the usual exit status of a command-line usage error
+
+
+class ConfigError(ValueError):
+    """A config with one or more problems; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems: tuple[str, ...] = tuple(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicates. bool is excluded from the numbers: `True` as a step count is a typo, not a 1.
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
+
+
+def _real_in(lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> tuple[Callable, str]:
+    def ok(v: Any) -> bool:
+        if not _is_real(v):
+            return False
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        return above and below
+
+    text = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return ok, text
+
+
+def _positive_real() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_real(v) and v > 0), "a finite number > 0"
+
+
+def _non_negative_real() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_real(v) and v >= 0), "a finite number >= 0"
+
+
+def _one_of(names: Sequence[str]) -> tuple[Callable[[Any], bool], str]:
+    names = tuple(names)
+    return (lambda v: isinstance(v, str) and v in names), "one of " + ", ".join(names)
+
+
+def _boolean() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, bool)), "True or False"
+
+
+def _int_tuple(*, non_empty: bool) -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        if not isinstance(v, tuple | list) or (non_empty and not v):
+            return False
+        return all(_is_int(x) and x >= 1 for x in v)
+
+    return ok, ("a non-empty" if non_empty else "a") + " tuple of integers >= 1"
+
+
+def _dataset_table() -> dict[str, Any] | None:
+    """``diffjax.datasets.DATASETS`` (name -> spec), or None while it is unavailable.
+
+    Imported lazily: the dataset package pulls in heavier dependencies than validation needs.
+    """
+    try:
+        datasets = importlib.import_module("diffjax.datasets")
+    except ImportError:
+        return None
+    return getattr(datasets, "DATASETS", None)
+
+
+def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
+    """Single-key rules: (dotted key, predicate, what is allowed)."""
+    rules = [
+        ("data.image_size", *_int_at_least(1)),
+        ("data.channels", *_int_at_least(1)),
+        ("data.num_classes", *_int_at_least(0)),
+        ("data.random_flip", *_boolean()),
+        ("model.ch", *_int_at_least(1)),
+        ("model.ch_mult", *_int_tuple(non_empty=True)),
+        ("model.num_res_blocks", *_int_at_least(1)),
+        ("model.attn_resolutions", *_int_tuple(non_empty=False)),
+        ("model.dropout", *_real_in(0, 1, lo_open=False, hi_open=True)),
+        ("model.resamp_with_conv", *_boolean()),
+        ("model.dtype", *_one_of(DTYPES)),
+        ("model.num_classes", *_int_at_least(0)),
+        ("diffusion.schedule", *_one_of(schedules.SCHEDULES)),
+        ("diffusion.num_timesteps", *_int_at_least(1)),
+        ("diffusion.mean_type", *_one_of(diffusion.MEAN_TYPES)),
+        ("diffusion.var_type", *_one_of(diffusion.VAR_TYPES)),
+        ("diffusion.loss_type", *_one_of(losses.LOSS_TYPES)),
+        ("training.num_train_steps", *_int_at_least(1)),
+        ("training.batch_size", *_int_at_least(1)),
+        ("training.seed", lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+        ("training.checkpoint_every_steps", *_int_at_least(1)),
+        ("training.sample_every_steps", *_int_at_least(1)),
+        ("training.log_every_steps", *_int_at_least(1)),
+        ("training.keep_checkpoints", *_int_at_least(1)),
+        ("training.ema_decay", *_real_in(0, 1, lo_open=False, hi_open=True)),
+        ("training.class_dropout", *_real_in(0, 1, lo_open=False, hi_open=False)),
+        ("training.nan_policy", *_one_of(NAN_POLICIES)),
+        ("training.max_consecutive_skips", *_int_at_least(1)),
+        ("optimizer.learning_rate", *_positive_real()),
+        ("optimizer.warmup_steps", *_int_at_least(0)),
+        ("optimizer.grad_clip", *_positive_real()),
+        ("optimizer.beta1", *_real_in(0, 1, lo_open=False, hi_open=True)),
+        ("optimizer.beta2", *_real_in(0, 1, lo_open=False, hi_open=True)),
+        ("optimizer.eps", *_positive_real()),
+        ("sampling.num_samples", *_int_at_least(1)),
+        ("sampling.sampler", *_one_of(SAMPLERS)),
+        ("sampling.num_steps", *_int_at_least(0)),
+        ("sampling.eta", *_non_negative_real()),
+        ("sampling.clip_denoised", *_boolean()),
+        ("sampling.guidance_scale", *_non_negative_real()),
+    ]
+    table = _dataset_table()
+    if table is not None:
+        rules.insert(0, ("data.name", *_one_of(tuple(table))))
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field rules. Each reads the keys it needs, and stays silent when one of them already
+# failed its own field rule (that problem is reported once, by the field rule).
+
+
+def _get(config: Any, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return _MISSING
+    return node
+
+
+def _valid(config: Any, key: str, ok: Callable[[Any], bool]) -> Any:
+    v = _get(config, key)
+    return v if v is not _MISSING and ok(v) else _MISSING
+
+
+def _check_betas(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    name = _valid(config, "diffusion.schedule", _one_of(schedules.SCHEDULES)[0])
+    t = _valid(config, "diffusion.num_timesteps", _int_at_least(1)[0])
+    if name is _MISSING or t is _MISSING:
+        return
+    betas = schedules.get_betas(name, t)
+    bad = [i for i, b in enumerate(betas) if not (math.isfinite(b) and 0.0 < b <= 1.0)]
+    if bad:
+        i = bad[0]
+        yield (
+            f"diffusion.schedule = {name!r} with diffusion.num_timesteps = {t}: betas[{i}] = "
+            f"{betas[i]!r} ({len(bad)} of {t} bad); every beta must be in (0, 1]"
+        )
+
+
+def _check_batch(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    batch = _valid(config, "training.batch_size", _int_at_least(1)[0])
+    shards = ctx["num_devices"] * ctx["num_processes"]
+    if batch is not _MISSING and batch % shards:
+        yield (
+            f"training.batch_size = {batch}: the global batch must be divisible by "
+            f"{ctx['num_devices']} devices per process x {ctx['num_processes']} process(es) "
+            f"= {shards}"
+        )
+
+
+def _check_unet_geometry(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    # The rules of diffjax.models.unet.UNet._validate, checked before any compilation.
+    size = _valid(config, "data.image_size", _int_at_least(1)[0])
+    ch_mult = _valid(config, "model.ch_mult", _int_tuple(non_empty=True)[0])
+    ch = _valid(config, "model.ch", _int_at_least(1)[0])
+    attn = _valid(config, "model.attn_resolutions", _int_tuple(non_empty=False)[0])
+    if size is not _MISSING and ch_mult is not _MISSING:
+        factor = 2 ** (len(ch_mult) - 1)
+        if size % factor:
+            yield (
+                f"data.image_size = {size}: must be divisible by 2**(len(model.ch_mult)-1) = "
+                f"{factor} for model.ch_mult = {tuple(ch_mult)}"
+            )
+        elif attn is not _MISSING:
+            occurring = [size // 2**i for i in range(len(ch_mult))]
+            missing = [r for r in attn if r not in occurring]
+            if missing:
+                yield (
+                    f"model.attn_resolutions = {tuple(attn)}: {missing} never occur; allowed: "
+                    f"resolutions of the U-Net levels {occurring} (image_size {size})"
+                )
+    if ch is not _MISSING and ch_mult is not _MISSING:
+        bad = [c for c in (ch, *(ch * m for m in ch_mult)) if c % GROUPNORM_GROUPS]
+        if bad:
+            yield (
+                f"model.ch = {ch} with model.ch_mult = {tuple(ch_mult)}: channel counts "
+                f"{sorted(set(bad))} are not divisible by the {GROUPNORM_GROUPS} GroupNorm "
+                f"groups; ch and every ch * mult must be multiples of {GROUPNORM_GROUPS}"
+            )
+
+
+def _check_sampling_steps(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    steps = _valid(config, "sampling.num_steps", _int_at_least(0)[0])
+    t = _valid(config, "diffusion.num_timesteps", _int_at_least(1)[0])
+    if steps is not _MISSING and t is not _MISSING and steps > t:
+        yield (
+            f"sampling.num_steps = {steps}: must be <= diffusion.num_timesteps = {t} "
+            "(0 means all steps)"
+        )
+
+
+def _check_classes(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    model_classes = _valid(config, "model.num_classes", _int_at_least(0)[0])
+    data_classes = _valid(config, "data.num_classes", _int_at_least(0)[0])
+    guidance = _valid(config, "sampling.guidance_scale", _non_negative_real()[0])
+    if model_classes is _MISSING:
+        return
+    # A conditional model needs labels from the data, with the same id range.
+    if model_classes > 0 and data_classes is not _MISSING and data_classes != model_classes:
+        yield (
+            f"model.num_classes = {model_classes}: a conditional model needs "
+            f"data.num_classes = {model_classes} labels, got data.num_classes = {data_classes}; "
+            "allowed: model.num_classes = 0 (unconditional) or equal to data.num_classes"
+        )
+    if model_classes == 0 and guidance is not _MISSING and guidance > 0:
+        yield (
+            f"sampling.guidance_scale = {guidance}: classifier-free guidance needs a "
+            "conditional model; allowed: 0 when model.num_classes = 0"
+        )
+
+
+def _check_dataset(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    # The rules diffjax.input_pipeline applies when it opens the data, checked up front.
+    table = _dataset_table()
+    name = _get(config, "data.name")
+    if table is None or not isinstance(name, str) or name not in table:
+        return
+    spec = table[name]
+    channels = _valid(config, "data.channels", _int_at_least(1)[0])
+    if channels is not _MISSING and channels != spec.channels:
+        yield f"data.channels = {channels}: dataset {name!r} has {spec.channels} channel(s)"
+    classes = _valid(config, "data.num_classes", _int_at_least(0)[0])
+    if classes is not _MISSING and classes > 0 and classes != spec.num_classes:
+        allowed = "0 (unlabelled dataset)" if not spec.num_classes else f"0 or {spec.num_classes}"
+        yield f"data.num_classes = {classes}: dataset {name!r} allows {allowed}"
+    split = _get(config, "data.train_split")
+    if isinstance(split, str) and split not in spec.splits:
+        yield (
+            f"data.train_split = {split!r}: dataset {name!r} has splits {', '.join(spec.splits)}"
+        )
+
+
+_CROSS_RULES: tuple[Callable[[Any, dict[str, int]], Iterator[str]], ...] = (
+    _check_dataset,
+    _check_betas,
+    _check_batch,
+    _check_unet_geometry,
+    _check_sampling_steps,
+    _check_classes,
+)
+
+
+def config_problems(config: Any, *, num_devices: int, num_processes: int) -> list[str]:
+    """Every problem of ``config``, one line each (empty when the config is valid).
+
+    :param num_devices: devices per process (``jax.local_device_count()``).
+    :param num_processes: ``jax.process_count()``; the global batch is split over
+        ``num_devices * num_processes`` devices.
+    """
+    for name, n in (("num_devices", num_devices), ("num_processes", num_processes)):
+        if not _is_int(n) or n < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+    problems = []
+    for key, ok, allowed in _field_rules():
+        value = _get(config, key)
+        if value is _MISSING:
+            problems.append(f"{key} is missing; allowed: {allowed}")
+        elif not ok(value):
+            problems.append(f"{key} = {value!r}: must be {allowed}")
+    ctx = {"num_devices": num_devices, "num_processes": num_processes}
+    for rule in _CROSS_RULES:
+        problems.extend(rule(config, ctx))
+    return problems
+
+
+def validate_config(config: Any, *, num_devices: int, num_processes: int) -> None:
+    """Raise one :class:`ConfigError` listing every problem of ``config``; None if valid.
+
+    :param config: the training ConfigDict (schema: data, model, diffusion, training,
+        optimizer, sampling).
+    :param num_devices: devices per process (``jax.local_device_count()``).
+    :param num_processes: ``jax.process_count()``.
+    """
+    problems = config_problems(config, num_devices=num_devices, num_processes=num_processes)
+    if problems:
+        raise ConfigError(problems)
+
+
+def format_config_error(err: ConfigError) -> str:
+    """The message a command line prints: a header and one indented line per problem."""
+    return str(err)
+
+
+def exit_with_config_error(err: ConfigError, stream: TextIO | None = None) -> NoReturn:
+    """Print ``err`` without a traceback and exit with status 2 (a usage error)."""
+    print(f"error: {format_config_error(err)}", file=stream or sys.stderr, flush=True)
+    raise SystemExit(CONFIG_ERROR_EXIT_CODE)
+
+
+@contextmanager
+def exit_on_config_error(stream: TextIO | None = None) -> Iterator[None]:
+    """Turn a :class:`ConfigError` raised in the block into a clean exit with status 2."""
+    try:
+        yield
+    except ConfigError as err:
+        exit_with_config_error(err, stream)

@@ -1,0 +1,241 @@
+"""validate_config: each bad value gives exactly its own line; several give several lines."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+
+from diffjax import config_validation
+from diffjax.config_validation import ConfigError, config_problems, validate_config
+
+
+def _valid_config() -> ml_collections.ConfigDict:
+    """A complete, valid config (independent of configs/*.py, so these tests stand alone)."""
+    c = ml_collections.ConfigDict()
+    c.data = dict(
+        name="digits",
+        data_dir=None,
+        image_size=16,
+        channels=1,
+        random_flip=False,
+        train_split="train",
+        eval_split="test",
+        num_classes=10,
+    )
+    c.model = dict(
+        ch=32,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        dropout=0.1,
+        resamp_with_conv=True,
+        dtype="float32",
+        num_classes=0,
+    )
+    c.diffusion = dict(
+        schedule="linear",
+        num_timesteps=100,
+        mean_type="eps",
+        var_type="fixed_small",
+        loss_type="simple",
+    )
+    c.training = dict(
+        num_train_steps=10,
+        batch_size=8,
+        seed=0,
+        checkpoint_every_steps=5,
+        sample_every_steps=5,
+        log_every_steps=1,
+        keep_checkpoints=2,
+        ema_decay=0.999,
+        class_dropout=0.1,
+        nan_policy="stop",
+        max_consecutive_skips=3,
+    )
+    c.optimizer = dict(
+        learning_rate=2e-4, warmup_steps=0, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
+    c.sampling = dict(
+        num_samples=4,
+        sampler="ddpm",
+        num_steps=0,
+        eta=0.0,
+        clip_denoised=True,
+        guidance_scale=0.0,
+    )
+    return c
+
+
+def _problems(config, num_devices=2, num_processes=1):
+    return config_problems(config, num_devices=num_devices, num_processes=num_processes)
+
+
+def _set(config, key, value):
+    """``config`` with ``key`` replaced, whatever the type (ConfigDict keeps field types)."""
+    section, name = key.split(".")
+    fields = config[section].to_dict()
+    fields[name] = value
+    del config[section]
+    config[section] = fields
+    return config
+
+
+def test_valid_config_passes():
+    validate_config(_valid_config(), num_devices=2, num_processes=1)
+    assert _problems(_valid_config()) == []
+
+
+# (key, bad value, fragments the one line must contain besides the key and the value).
+SINGLE_PROBLEMS = [
+    ("diffusion.num_timesteps", 0, ["integer >= 1"]),
+    ("diffusion.num_timesteps", 2.5, ["integer >= 1"]),
+    ("data.name", "imagenet", ["digits", "cifar10"]),
+    ("data.channels", 3, ["'digits' has 1 channel"]),
+    ("data.num_classes", 7, ["0 or 10"]),
+    ("data.train_split", "validation", ["train, test"]),
+    ("diffusion.schedule", "cubic", ["linear", "cosine"]),
+    ("diffusion.loss_type", "l1", ["simple", "kl", "hybrid"]),
+    ("diffusion.mean_type", "score", ["eps", "x0", "v"]),
+    ("diffusion.var_type", "learned", ["fixed_small", "learned_range"]),
+    ("training.batch_size", 7, ["divisible", "2 devices"]),
+    ("training.batch_size", 0, ["integer >= 1"]),
+    ("data.image_size", 18, ["divisible", "= 4"]),
+    ("model.attn_resolutions", (32, 8), ["never occur", "[32]", "[16, 8, 4]"]),
+    ("model.ch", 48, ["GroupNorm", "[48]"]),
+    ("model.ch", 16, ["GroupNorm", "[16]"]),
+    ("model.ch_mult", (), ["non-empty"]),
+    ("model.dtype", "float16", ["float32", "bfloat16"]),
+    ("model.dropout", 1.0, ["[0, 1)"]),
+    ("model.num_classes", -1, [">= 0"]),
+    ("data.num_classes", -2, [">= 0"]),
+    ("training.ema_decay", 1.0, ["[0, 1)"]),
+    ("training.ema_decay", -0.1, ["[0, 1)"]),
+    ("optimizer.learning_rate", 0.0, ["> 0"]),
+    ("optimizer.learning_rate", float("nan"), ["> 0"]),
+    ("optimizer.warmup_steps", -1, [">= 0"]),
+    ("optimizer.grad_clip", 0.0, ["> 0"]),
+    ("optimizer.grad_clip", -1.0, ["> 0"]),
+    ("training.num_train_steps", 0, [">= 1"]),
+    ("training.checkpoint_every_steps", 0, [">= 1"]),
+    ("training.sample_every_steps", -5, [">= 1"]),
+    ("training.log_every_steps", 0, [">= 1"]),
+    ("training.nan_policy", "ignore", ["stop", "skip"]),
+    ("training.max_consecutive_skips", 0, [">= 1"]),
+    ("training.class_dropout", 1.5, ["[0, 1]"]),
+    ("training.num_train_steps", True, ["integer"]),
+    ("sampling.sampler", "euler", ["ddpm", "ddim"]),
+    ("sampling.num_steps", 101, ["<= diffusion.num_timesteps = 100"]),
+    ("sampling.num_steps", -1, [">= 0"]),
+    ("sampling.guidance_scale", 2.0, ["conditional model"]),
+]
+
+
+@pytest.mark.parametrize("key,value,fragments", SINGLE_PROBLEMS)
+def test_each_problem_gives_exactly_its_line(key, value, fragments):
+    config = _set(_valid_config(), key, value)
+    problems = _problems(config)
+    assert len(problems) == 1, problems
+    line = problems[0]
+    assert f"{key} = {value!r}" in line, line
+    assert "\n" not in line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+def test_batch_divisibility_uses_devices_times_processes():
+    # 8 = 2 devices x 4 processes: fine; 2 devices x 3 processes = 6 does not divide 8.
+    config = _valid_config()
+    assert _problems(config, num_devices=2, num_processes=4) == []
+    (line,) = _problems(config, num_devices=2, num_processes=3)
+    assert "training.batch_size = 8" in line and "3 process(es) = 6" in line
+
+
+def test_conditional_model_needs_matching_labels():
+    config = _set(_set(_valid_config(), "model.num_classes", 10), "data.num_classes", 0)
+    (line,) = _problems(config)
+    assert "model.num_classes = 10" in line and "data.num_classes = 0" in line
+    config.data.num_classes = 10
+    assert _problems(config) == []
+
+
+def test_bad_betas_from_schedule_are_reported(monkeypatch):
+    # The shipped schedules are capped to (0, 0.999], so inject one that is not: the rule must
+    # check the values get_betas returns at this T, not trust the schedule's name.
+    bad = np.linspace(-0.1, 0.5, 100)
+    monkeypatch.setattr(config_validation.schedules, "get_betas", lambda name, t: bad)
+    (line,) = _problems(_valid_config())
+    assert "diffusion.schedule = 'linear'" in line and "num_timesteps = 100" in line
+    assert "betas[0] = " in line and "(0, 1]" in line
+
+
+def test_missing_key_is_reported():
+    config = _valid_config()
+    del config.training["nan_policy"]
+    (line,) = _problems(config)
+    assert line.startswith("training.nan_policy is missing") and "stop, skip" in line
+
+
+def test_several_problems_give_several_lines():
+    config = _valid_config()
+    config.diffusion.num_timesteps = 0
+    config.training.batch_size = 7
+    config.model.ch = 48
+    config.training.ema_decay = 1.5
+    config.sampling.sampler = "euler"
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, num_devices=2, num_processes=1)
+    err = info.value
+    assert isinstance(err, ValueError)
+    keys = ["diffusion.num_timesteps", "training.batch_size", "model.ch", "training.ema_decay"]
+    keys.append("sampling.sampler")
+    assert len(err.problems) == len(keys), err.problems
+    for key in keys:
+        assert sum(line.startswith(key) for line in err.problems) == 1, (key, err.problems)
+    # The message carries a header and one line per problem.
+    assert str(err).count("\n") == len(keys)
+
+
+def test_dependent_rules_stay_quiet_when_their_inputs_are_invalid():
+    # An invalid T is reported once; the rules that need T (betas, sampling steps) stay silent.
+    config = _set(_valid_config(), "diffusion.num_timesteps", -3)
+    config.sampling.num_steps = 50
+    (line,) = _problems(config)
+    assert line.startswith("diffusion.num_timesteps = -3")
+
+
+def test_bad_process_counts_are_a_programming_error():
+    with pytest.raises(ValueError, match="num_devices"):
+        validate_config(_valid_config(), num_devices=0, num_processes=1)
+
+
+def test_exit_on_config_error_prints_lines_and_exits_2():
+    config = _set(_set(_valid_config(), "training.batch_size", 7), "model.dtype", "half")
+    stream = io.StringIO()
+    with pytest.raises(SystemExit) as info:
+        with config_validation.exit_on_config_error(stream):
+            validate_config(config, num_devices=2, num_processes=1)
+    assert info.value.code == 2
+    text = stream.getvalue()
+    assert text.startswith("error: invalid config (2 problem(s)):")
+    assert "Traceback" not in text
+    assert len(text.strip().splitlines()) == 3
+
+
+def test_cli_output_has_no_traceback():
+    # What a command line shows: the lines on stderr, status 2, no Python traceback.
+    script = textwrap.dedent(
+        """
+        from diffjax.config_validation import exit_on_config_error, ConfigError
+        with exit_on_config_error():
+            raise ConfigError(["training.batch_size = 7: must be divisible by 2"])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "training.batch_size = 7" in proc.stderr and "Traceback" not in proc.stderr
