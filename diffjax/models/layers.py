@@ -1,0 +1,279 @@
+"""Layers of the U-Net, written for speed on CPU (XLA) in float32 and bfloat16 compute.
+
+Parameters are float32; activations use the compute dtype. Every matrix product takes its inputs
+in the compute dtype and accumulates in float32 (``preferred_element_type``), forward AND
+backward: JAX's default transpose rules would run the backward products of a bfloat16 product on
+float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
+-> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
+would.
+
+Modules mirror flax.linen.Dense / Conv / GroupNorm parameter names and shapes ("kernel", "bias",
+"scale"), so parameter trees are interchangeable with the flax layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+# Reference-model initialisers: variance_scaling(scale, "fan_avg", "uniform"), scale 1 or ~0.
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zero_init = nn.initializers.zeros
+
+# bfloat16 3x3 convolutions with at least this many input channels run as nine bfloat16 matrix
+# products: XLA:CPU computes bfloat16 convolutions in float32, but bfloat16 products natively.
+# Below it the float32 convolution kernel is faster (products too small to pay for the slices).
+BF16_DOT_CONV_MIN_CHANNELS = 128
+
+
+def _dg(a: jax.Array, b: jax.Array, ca: tuple, cb: tuple, batch: bool = False) -> jax.Array:
+    """dot_general contracting dims ca of a with cb of b (batch dim 0 if ``batch``), f32 acc."""
+    bdims = ((0,), (0,)) if batch else ((), ())
+    return jax.lax.dot_general(a, b, ((ca, cb), bdims), preferred_element_type=F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+    """x [..., K] (compute dtype) @ kernel [K, N] (float32, cast to dtype) -> float32 [..., N]."""
+    return _dg(x, kernel.astype(dtype), (x.ndim - 1,), (0,))
+
+
+def _linear_fwd(x, kernel, dtype):
+    k = kernel.astype(dtype)
+    return _dg(x, k, (x.ndim - 1,), (0,)), (x, k)
+
+
+def _linear_bwd(dtype, res, g):
+    x, k = res
+    g = g.astype(dtype)  # [..., N]
+    dx = _dg(g, k, (g.ndim - 1,), (1,)).astype(x.dtype)  # [..., K]
+    lead = tuple(range(x.ndim - 1))
+    dk = _dg(x, g, lead, lead)  # [K, N] float32: the parameter gradient keeps full precision
+    return dx, dk
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+@jax.custom_vjp
+def bmm_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [B, N, K] @ b[B, M, K]^T -> float32 [B, N, M]."""
+    return _dg(a, b, (2,), (2,), batch=True)
+
+
+def _bmm_nt_fwd(a, b):
+    return bmm_nt(a, b), (a, b)
+
+
+def _bmm_nt_bwd(res, g):
+    a, b = res
+    g = g.astype(a.dtype)  # [B, N, M]
+    da = _dg(g, b, (2,), (1,), batch=True)  # [B, N, K]
+    db = _dg(g, a, (1,), (1,), batch=True)  # [B, M, K]
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+bmm_nt.defvjp(_bmm_nt_fwd, _bmm_nt_bwd)
+
+
+@jax.custom_vjp
+def bmm_nn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [B, N, K] @ b [B, K, M] -> float32 [B, N, M]."""
+    return _dg(a, b, (2,), (1,), batch=True)
+
+
+def _bmm_nn_fwd(a, b):
+    return bmm_nn(a, b), (a, b)
+
+
+def _bmm_nn_bwd(res, g):
+    a, b = res
+    g = g.astype(a.dtype)  # [B, N, M]
+    da = _dg(g, b, (2,), (2,), batch=True)  # [B, N, K]
+    db = _dg(a, g, (1,), (1,), batch=True)  # [B, K, M]
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+bmm_nn.defvjp(_bmm_nn_fwd, _bmm_nn_bwd)
+
+
+def _pad1(x: jax.Array) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _conv3x3_dots(x: jax.Array, k: jax.Array) -> jax.Array:
+    """SAME 3x3 convolution as nine shifted products: sum_{dy,dx} x[h+dy-1, w+dx-1] @ k[dy, dx]."""
+    h, w = x.shape[1], x.shape[2]
+    xp = _pad1(x)  # [B, H+2, W+2, C]
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            term = _dg(xp[:, dy : dy + h, dx : dx + w, :], k[dy, dx], (3,), (0,))  # [B, H, W, O]
+            out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_dots(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+    """3x3 SAME stride-1 convolution from matrix products; float32 [B, H, W, O]."""
+    return _conv3x3_dots(x, kernel.astype(dtype))
+
+
+def _conv_fwd(x, kernel, dtype):
+    k = kernel.astype(dtype)
+    return _conv3x3_dots(x, k), (x, k)
+
+
+def _conv_bwd(dtype, res, g):
+    x, k = res
+    g = g.astype(dtype)  # [B, H, W, O]
+    # dL/dx is the convolution of g with the spatially flipped, in/out-transposed kernel.
+    dx = _conv3x3_dots(g, jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)).astype(x.dtype)
+    h, w = x.shape[1], x.shape[2]
+    xp = _pad1(x)
+    dk = jnp.stack(
+        [
+            _dg(xp[:, dy : dy + h, dx_ : dx_ + w, :], g, (0, 1, 2), (0, 1, 2))  # [C, O]
+            for dy in range(3)
+            for dx_ in range(3)
+        ]
+    ).reshape(k.shape)
+    return dx, dk
+
+
+conv3x3_dots.defvjp(_conv_fwd, _conv_bwd)
+
+
+class Dense(nn.Module):
+    """y = x W + b over the last axis (a 1x1 convolution on images); float32 parameters."""
+
+    features: int
+    dtype: Any = F32
+    zero: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = zero_init if self.zero else default_init
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), F32)
+        bias = self.param("bias", zero_init, (self.features,), F32)
+        y = linear(x.astype(self.dtype), kernel, self.dtype) + bias  # float32 [..., features]
+        return y.astype(self.dtype)
+
+
+class Conv3x3(nn.Module):
+    """3x3 convolution, SAME padding (stride 2 pads (0, 1) on even sides, as TF and diffusers)."""
+
+    features: int
+    dtype: Any = F32
+    strides: int = 1
+    zero: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = zero_init if self.zero else default_init
+        kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features), F32)
+        bias = self.param("bias", zero_init, (self.features,), F32)
+        x = x.astype(self.dtype)
+        use_dots = (
+            jnp.dtype(self.dtype) == jnp.dtype(jnp.bfloat16)
+            and self.strides == 1
+            and x.shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS
+        )
+        if use_dots:
+            y = conv3x3_dots(x, kernel, self.dtype)  # float32
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel.astype(self.dtype),
+                (self.strides, self.strides),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=F32,
+            )
+        return (y + bias).astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He 2018 eq. 1-2) with float32 statistics.
+
+    Statistics come from per-channel sums over pixels (a reduction over the non-minor axis,
+    which XLA:CPU vectorises well) combined per group afterwards. The variance is the one-pass
+    E[(x - s)^2] - E[x - s]^2 with a per-(sample, group) shift s (one value of the group), which
+    avoids the cancellation of E[x^2] - E[x]^2 when |mean| >> std. The result is the
+    per-(sample, channel) affine map ``x * a + b``: one elementwise pass in the compute dtype,
+    which XLA fuses with the following swish.
+    """
+
+    num_groups: int
+    dtype: Any = F32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        cg = c // g
+        scale = self.param("scale", nn.initializers.ones, (c,), F32)
+        bias = self.param("bias", zero_init, (c,), F32)
+        xf = x.reshape(b, -1, c).astype(F32)  # [B, HW, C]
+        # Shift: the first pixel of the first channel of each group; stats do not depend on it.
+        shift = jax.lax.stop_gradient(xf[:, 0, ::cg])  # [B, G]
+        xs = xf - jnp.repeat(shift, cg, axis=1)[:, None, :]  # [B, HW, C]
+        n = xf.shape[1] * cg
+        m1 = jnp.sum(xs, axis=1).reshape(b, g, cg).sum(-1) / n  # [B, G]  E[x - s]
+        m2 = jnp.sum(jnp.square(xs), axis=1).reshape(b, g, cg).sum(-1) / n  # E[(x - s)^2]
+        mean = m1 + shift  # [B, G]
+        var = jnp.maximum(m2 - jnp.square(m1), 0.0)
+        inv = jax.lax.rsqrt(var + self.epsilon)  # [B, G]
+        a = scale.reshape(g, cg)[None] * inv[:, :, None]  # [B, G, C/G]
+        bb = bias.reshape(g, cg)[None] - mean[:, :, None] * a
+        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+        a = a.reshape(shape).astype(self.dtype)
+        bb = bb.reshape(shape).astype(self.dtype)
+        return x.astype(self.dtype) * a + bb
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a bijective hash with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """Boolean keep-mask with P(keep) = 1 - rate (to 2^-32), a pure function of ``key``.
+
+    Bits are a counter-based hash of the element index keyed by 64 bits drawn from ``key``
+    (two rounds of murmur3's finaliser, as in counter-based generators such as Philox/Threefry
+    but lighter): one fused elementwise pass, where ``jax.random.bernoulli`` costs ~50x more on
+    CPU (threefry with a rolled loop). Adequate for dropout, not a general-purpose generator.
+    """
+    size = 1
+    for d in shape:
+        size *= d
+    if size >= 2**32:
+        raise ValueError(f"dropout on {size} elements; at most 2**32 - 1 supported")
+    k = jax.random.bits(key, (2,), jnp.uint32)
+    idx = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    bits = _fmix32(_fmix32(idx ^ k[0]) + k[1])
+    return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (Srivastava et al. 2014) with masks from ``dropout_mask``; rng "dropout"."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = dropout_mask(self.make_rng("dropout"), x.shape, self.rate)
+        return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), 0).astype(x.dtype)

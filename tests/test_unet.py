@@ -1,0 +1,283 @@
+"""Tests of the DDPM U-Net: architecture size, semantics of its parts, dtypes, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from diffjax.models import create_model, init_params
+from diffjax.models import layers as L
+from diffjax.models.unet import AttnBlock, UNet, timestep_embedding
+
+# Smallest model that still has two levels, a downsample/upsample pair and attention at 4x4.
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+SIZE, CH = 8, 1
+
+
+def _count(model, size, channels):
+    shapes = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0),
+            jnp.zeros((1, size, size, channels)),
+            jnp.zeros((1,), jnp.int32),
+            train=False,
+        )
+    )
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+
+
+def _randomize(params, seed=1, std=0.2):
+    """Replace every leaf by N(0, std^2) noise: the zero-initialised output convs would otherwise
+    make the network output identically 0 and hide everything the tests look at."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [std * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(tree, new)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = UNet(**TINY, out_channels=CH)
+    initial = init_params(model, jax.random.key(0), SIZE, CH)
+    x = jax.random.normal(jax.random.key(2), (2, SIZE, SIZE, CH))
+    t = jnp.array([0, 999], jnp.int32)
+    return model, _randomize(initial), x, t, initial
+
+
+def test_param_count_matches_reference_cifar10_and_256():
+    # Ho et al. 2020 reference model sizes (35.7M for CIFAR-10; 114M for 256x256).
+    assert _count(UNet(), 32, 3) == 35_746_307
+    assert _count(UNet(ch_mult=(1, 1, 2, 2, 4, 4)), 256, 3) == 113_673_219
+
+
+def test_output_shape_and_zero_init(tiny):
+    model, _, x, t, initial = tiny
+    out = jax.jit(lambda p: model.apply({"params": p}, x, t, train=False))(initial)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    # conv_out is zero-initialised as in the reference model: the untrained output is exactly 0.
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_create_model_learned_variance_has_2c_outputs():
+    cfg = ml_collections.ConfigDict(
+        {
+            "model": dict(TINY, resamp_with_conv=False, dtype="float32", num_classes=0),
+            "data": {"channels": 3},
+            "diffusion": {"var_type": "learned_range"},
+        }
+    )
+    model = create_model(cfg)
+    assert model.out_channels == 6
+    out = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.key(0),
+            jnp.zeros((2, SIZE, SIZE, 3)),
+            jnp.zeros((2,), jnp.int32),
+            train=False,
+        )[0]
+    )
+    assert out.shape == (2, SIZE, SIZE, 6)
+    cfg.model.dtype = "float16"
+    with pytest.raises(ValueError, match="float16"):
+        create_model(cfg)
+
+
+def test_timestep_embedding_matches_float64_formula():
+    t = np.array([0, 1, 17, 999])
+    dim = 10
+    half = dim // 2
+    freqs = np.exp(-np.arange(half) * np.log(10000.0) / (half - 1))
+    args = t[:, None].astype(np.float64) * freqs[None]
+    expected = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    got = np.asarray(timestep_embedding(jnp.asarray(t, jnp.int32), dim))
+    # float32 argument t * w has relative error ~6e-8, i.e. absolute ~6e-5 at t = 999; sin/cos
+    # are 1-Lipschitz, so 1e-4 bounds the error while a wrong frequency is off by O(1).
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(got[0], [0.0] * half + [1.0] * half)
+    assert timestep_embedding(jnp.zeros((3,), jnp.int32), 7).shape == (3, 7)
+
+
+@pytest.mark.parametrize(("loc", "channels"), [(3.0, 64), (1000.0, 32)])
+def test_group_norm_matches_float64_reference(loc, channels):
+    rng = np.random.default_rng(0)
+    # Channel means spread by 0.5 inside a group, plus a common offset `loc`: loc=1000 would lose
+    # all precision to cancellation in a naive E[x^2] - E[x]^2 (1e6 * 6e-8 ~ var).
+    x = loc + rng.normal(0.0, 2.0, (2, 4, 4, channels)) + rng.normal(0, 0.5, channels)
+    scale = np.linspace(0.5, 1.5, channels)
+    bias = np.linspace(-1.0, 1.0, channels)
+    params = {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias)}}
+    got = np.asarray(L.GroupNorm(32).apply(params, jnp.asarray(x, jnp.float32)))
+    xg = x.reshape(2, 16, 32, channels // 32)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = xg.var(axis=(1, 3), keepdims=True)
+    ref = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+    # The affine form x * a + b rounds terms of size |loc| * a: a few float32 ulps of loc
+    # (6e-5 each at loc=1000) -> 4e-7 * loc. A cancelling variance E[x^2] - E[x]^2 would be off
+    # by ~1e6 * 6e-8 / var ~ 1.5% of every value (~3e-2), well above this.
+    atol = 1e-5 + 4e-7 * loc
+    np.testing.assert_allclose(got, ref, atol=atol, rtol=1e-5)
+
+
+def test_dropout_mask_rate_and_independence():
+    n = 200_000
+    m1 = np.asarray(L.dropout_mask(jax.random.key(0), (n,), 0.1))
+    m2 = np.asarray(L.dropout_mask(jax.random.key(1), (n,), 0.1))
+    # Binomial: std of the dropped fraction is sqrt(0.09 / n) = 6.7e-4; 5 sigma = 3.4e-3.
+    for m in (m1, m2):
+        assert abs((1 - m.mean()) - 0.1) < 3.4e-3
+    # Independent masks agree on a fraction 0.9^2 + 0.1^2 = 0.82 of the elements.
+    assert abs((m1 == m2).mean() - 0.82) < 5e-3
+    # Neighbouring elements are uncorrelated (a weak hash would show stripes).
+    drop = (~m1).astype(np.float64)
+    assert abs(np.corrcoef(drop[:-1], drop[1:])[0, 1]) < 0.015
+    x = jnp.ones((4, 1000))
+    y = np.asarray(L.Dropout(0.1).apply({}, x, train=True, rngs={"dropout": jax.random.key(2)}))
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.9], rtol=1e-6)  # inverted scaling
+
+
+def test_custom_vjp_products_match_autodiff_of_reference_ops():
+    kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(kx, (2, 6, 6, 8))
+    w = jax.random.normal(kw, (3, 3, 8, 5))
+    g = jax.random.normal(kg, (2, 6, 6, 5))
+
+    def ref_conv(x, w):
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+
+    cases = [
+        (lambda x, w: L.conv3x3_dots(x, w, jnp.float32), ref_conv, x, w, g),
+        (lambda a, b: L.linear(a, b, jnp.float32), lambda a, b: a @ b, x, w[0, 0], g),
+        (L.bmm_nt, lambda a, b: jnp.einsum("bnk,bmk->bnm", a, b), x[:, 0], x[:, 1], x[:, 2, :, :6]),
+        (L.bmm_nn, lambda a, b: jnp.einsum("bnk,bkm->bnm", a, b), x[:, 0], w[0, :2], g[:, 0]),
+    ]
+    for fn, ref, a, b, ct in cases:
+        out, vjp = jax.vjp(fn, a, b)
+        ref_out, ref_vjp = jax.vjp(ref, a, b)
+        # Sums of <= 72 O(1) float32 products: ~1e-6 relative; 1e-4 absolute is ample.
+        np.testing.assert_allclose(out, ref_out, atol=1e-4, rtol=1e-4)
+        for got, want in zip(vjp(ct), ref_vjp(ct), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # bfloat16 operands, float32 accumulation: relative error ~ unit roundoff 2^-9 = 2e-3 of the
+    # inputs (random-walk over 72 terms keeps it there); 1e-2 flags a float32-less accumulation.
+    xb = x.astype(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda a, b: L.conv3x3_dots(a, b, jnp.bfloat16), xb, w)
+    ref_out, ref_vjp = jax.vjp(ref_conv, x, w)
+    for got, want in zip((out, *vjp(g)), (ref_out, *ref_vjp(g)), strict=True):
+        got = jnp.asarray(got, jnp.float32)
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+
+
+def test_attention_block_matches_float64_reference():
+    block = AttnBlock()
+    x = jax.random.normal(jax.random.key(3), (2, 4, 4, 32))
+    params = _randomize(block.init(jax.random.key(0), x), std=0.3)
+    got = np.asarray(block.apply(params, x))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    xn = np.asarray(x, np.float64)
+    xg = xn.reshape(2, 16, 32, 1)
+    h = (xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-6)
+    h = h.reshape(2, 16, 32) * p["norm"]["scale"] + p["norm"]["bias"]
+    q, k, v = (h @ p[n]["kernel"] + p[n]["bias"] for n in "qkv")
+    w = q @ k.transpose(0, 2, 1) / np.sqrt(32)
+    w = np.exp(w - w.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = (w @ v) @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]
+    ref = xn + o.reshape(2, 4, 4, 32)
+    # Sums of 32 O(1) float32 products: ~1e-6 relative error, 1e-4 absolute is ample.
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_only_when_training(tiny):
+    model, params, x, t, _ = tiny
+    apply = jax.jit(
+        lambda p, r, train: model.apply({"params": p}, x, t, train=train, rngs={"dropout": r}),
+        static_argnums=2,
+    )
+    eval_a = apply(params, jax.random.key(10), False)
+    eval_b = apply(params, jax.random.key(11), False)
+    np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
+    train_a = apply(params, jax.random.key(10), True)
+    train_b = apply(params, jax.random.key(11), True)
+    assert float(jnp.max(jnp.abs(train_a - train_b))) > 1e-3
+    assert float(jnp.max(jnp.abs(train_a - eval_a))) > 1e-3
+    with pytest.raises(Exception, match="dropout"):  # flax: no "dropout" rng given
+        model.apply({"params": params}, x, t, train=True)
+
+
+def test_bfloat16_compute_close_to_float32(tiny):
+    model, params, x, t, _ = tiny
+    bf16 = UNet(**TINY, out_channels=CH, dtype=jnp.bfloat16)
+    out32, out16 = jax.jit(
+        lambda p: tuple(m.apply({"params": p}, x, t, train=False) for m in (model, bf16))
+    )(params)
+    assert out16.dtype == jnp.float32
+    assert jax.tree.map(lambda a: a.dtype, params) == jax.tree.map(lambda _: jnp.float32, params)
+    # bfloat16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3). Rounding errors of the ~10
+    # layers on the longest path add up to ~1% (measured 0.8-1.2% on tiny models); 5% leaves
+    # margin while a wrong dtype on a branch or a bfloat16 overflow gives O(1).
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert rel < 5e-2, rel
+
+
+def test_class_conditioning_and_null_class(tiny):
+    _, _, x, t, _ = tiny
+    model = UNet(**TINY, out_channels=CH, num_classes=3)
+    params = _randomize(init_params(model, jax.random.key(0), SIZE, CH))
+    assert params["class_embed"]["embedding"].shape == (4, 4 * TINY["ch"])  # + null row
+    fwd = jax.jit(lambda y: model.apply({"params": params}, x, t, y, train=False))
+    np.testing.assert_array_equal(np.asarray(fwd(None)), np.asarray(fwd(jnp.array([3, 3]))))
+    assert float(jnp.max(jnp.abs(fwd(jnp.array([0, 1])) - fwd(jnp.array([2, 2]))))) > 1e-3
+    # Concrete labels are checked (before any computation, so eager apply raises at once).
+    with pytest.raises(ValueError, match="class label 4 out of range"):
+        model.apply({"params": params}, x, t, jnp.array([0, 4]), train=False)
+    with pytest.raises(ValueError, match="class label -1"):
+        model.apply({"params": params}, x, t, jnp.array([-1, 0]), train=False)
+    # Under jit they cannot raise; the bad sample's output becomes NaN instead of wrapping.
+    out = np.asarray(fwd(jnp.array([-1, 0])))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
+def test_one_trace_per_shape(tiny):
+    model, params, _, _, _ = tiny
+    traces = []
+
+    @jax.jit
+    def fwd(p, x, t):
+        traces.append(x.shape)
+        return model.apply({"params": p}, x, t, train=False)
+
+    for seed in range(3):  # new values, same shape: no retrace
+        x = jax.random.normal(jax.random.key(seed), (2, SIZE, SIZE, CH))
+        fwd(params, x, jnp.array([seed, 10 * seed], jnp.int32)).block_until_ready()
+    assert len(traces) == 1
+    fwd(params, jnp.zeros((3, SIZE, SIZE, CH)), jnp.zeros((3,), jnp.int32))  # new batch size
+    assert len(traces) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape", "y", "match"),
+    [
+        (
+            {},
+            (1, 9, 9, 1),
+            None,
+            r"image size 9x9 not divisible by 2\*\*\(len\(ch_mult\)-1\) = 2",
+        ),
+        ({"attn_resolutions": (16, 8)}, (1, 32, 32, 1), None, r"resolution 8 never .*\[32, 16\]"),
+        ({"ch": 48}, (1, 32, 32, 1), None, "channel count 48 .* 32 GroupNorm groups"),
+        ({"ch_mult": (1, 2, 2, 2)}, (1, 12, 12, 1), None, "image size 12x12 .* = 8"),
+        ({}, (1, 32, 32, 1), jnp.array([0]), "unconditional"),
+        ({"dtype": jnp.float16}, (1, 32, 32, 1), None, "unsupported dtype float16"),
+    ],
+)
+def test_bad_input_raises_named_value_error(kwargs, shape, y, match):
+    cfg = dict(ch=32, ch_mult=(1, 2), attn_resolutions=(), out_channels=1)
+    model = UNet(**{**cfg, **kwargs})
+    x = jnp.zeros(shape)
+    t = jnp.zeros((shape[0],), jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, y, train=False))
