@@ -1,0 +1,121 @@
+"""Shared pieces of the benchmarks: workloads, the JAX train step, timing and environment info."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffjax.models.unet import UNet
+
+# name -> (UNet fields, image size, channels). FLOPs per image are taken from XLA's cost analysis.
+WORKLOADS = {
+    # Default model of configs/digits.py: 8x8x1 images, no dropout (1.0M parameters).
+    "digits": (
+        dict(
+            ch=32,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(4,),
+            dropout=0.0,
+            out_channels=1,
+        ),
+        8,
+        1,
+    ),
+    # Small 32x32x1 model (1.6M parameters).
+    "small32": (
+        dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), out_channels=1),
+        32,
+        1,
+    ),
+    # Ho et al. 2020 CIFAR-10 model (35.7M parameters).
+    "cifar10": (dict(), 32, 3),
+}
+
+# Nominal fp32 peak of the 2-core machine the README numbers come from (AVX-512 FMA).
+FP32_PEAK_GFLOPS = 166.0
+
+
+def make_model(name: str, dtype=jnp.float32) -> tuple[UNet, int, int]:
+    fields, size, channels = WORKLOADS[name]
+    return UNet(**fields, dtype=dtype), size, channels
+
+
+def make_train_step(model: UNet, lr: float = 2e-4) -> tuple[Callable, optax.GradientTransformation]:
+    """Jitted train step: forward + MSE to the target + backward + Adam update (params donated)."""
+    opt = optax.adam(lr)
+
+    def loss_fn(params, x, t, target, rng):
+        out = model.apply({"params": params}, x, t, train=True, rngs={"dropout": rng})
+        return jnp.mean(jnp.square(out - target))
+
+    def step(params, opt_state, x, t, target, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, t, target, rng)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1)), opt
+
+
+def make_inputs(batch: int, size: int, channels: int, seed: int = 0):
+    kx, kt, kn = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (batch, size, size, channels))  # [B, H, W, C]
+    t = jax.random.randint(kt, (batch,), 0, 1000, jnp.int32)
+    target = jax.random.normal(kn, (batch, size, size, channels))
+    return x, t, target
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, runs: int) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def flops_of(compiled) -> float:
+    """FLOPs of one call of a compiled program, from XLA's cost analysis (0 if unavailable)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax returned one dict per device
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def environment() -> str:
+    def ver(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    pkgs = ", ".join(
+        f"{p} {ver(p)}" for p in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers")
+    )
+    return (
+        f"device: {jax.devices()[0].device_kind} ({cpu}, {os.cpu_count()} cores)\n"
+        f"versions: {pkgs}\n"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
