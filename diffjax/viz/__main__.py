@@ -1,0 +1,7 @@
+"""``python -m diffjax.viz --workdir=RUN``: write every figure of a run into RUN/figures."""
+
+import sys
+
+from diffjax.viz.run_figures import main
+
+sys.exit(main())
