@@ -19,66 +19,21 @@ CelebA-HQ FID). The paper trained at 2.2 steps/s on a TPU v3-8 (about 63 hours f
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from diffjax.default_config import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The CelebA-HQ 256 config (schema: diffjax CONTRACT)."""
-    config = ml_collections.ConfigDict()
-
-    config.data = data = ml_collections.ConfigDict()
-    data.name = "celeb_a_hq"
-    data.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    data.image_size = 256
-    data.channels = 3
-    data.random_flip = True
-    data.train_split = "train"
-    data.eval_split = "train"  # CelebA-HQ has a single split
-    data.num_classes = 0
-
-    config.model = model = ml_collections.ConfigDict()
-    model.ch = 128
-    model.ch_mult = (1, 1, 2, 2, 4, 4)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.dropout = 0.0
-    model.resamp_with_conv = True
-    model.dtype = "float32"  # "bfloat16": compute only, parameters stay float32
-    model.num_classes = 0
-
-    config.diffusion = diffusion = ml_collections.ConfigDict()
-    diffusion.schedule = "linear"
-    diffusion.num_timesteps = 1000
-    diffusion.mean_type = "eps"
-    diffusion.var_type = "fixed_large"
-    diffusion.loss_type = "simple"
-
-    config.training = training = ml_collections.ConfigDict()
-    training.num_train_steps = 500_000
-    training.batch_size = 64
-    training.seed = 0
-    training.checkpoint_every_steps = 5000
-    training.sample_every_steps = 50_000
-    training.log_every_steps = 100
-    training.keep_checkpoints = 3
-    training.ema_decay = 0.9999
-    training.class_dropout = 0.1
-    training.nan_policy = "stop"
-    training.max_consecutive_skips = 10
-
-    config.optimizer = optimizer = ml_collections.ConfigDict()
-    optimizer.learning_rate = 2e-5
-    optimizer.warmup_steps = 5000
-    optimizer.grad_clip = 1.0
-    optimizer.beta1 = 0.9
-    optimizer.beta2 = 0.999
-    optimizer.eps = 1e-8
-
-    config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.num_samples = 16
-    sampling.sampler = "ddpm"
-    sampling.num_steps = 0  # all T steps
-    sampling.eta = 0.0
-    sampling.clip_denoised = True
-    sampling.guidance_scale = 0.0
+    """The CelebA-HQ 256 config: overrides of diffjax.default_config."""
+    config = get_base_config()
+    config.data.eval_split = "train"  # CelebA-HQ has a single split
+    config.data.image_size = 256
+    config.data.name = "celeb_a_hq"
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.dropout = 0.0
+    config.training.batch_size = 64
+    config.training.checkpoint_every_steps = 5000
+    config.training.num_train_steps = 500_000
+    config.optimizer.learning_rate = 2e-05
+    config.sampling.num_samples = 16
     return config

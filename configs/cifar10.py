@@ -17,66 +17,12 @@ parameters at 800k steps. The paper trained at 21 steps/s on a TPU v3-8 (10.6 ho
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from diffjax.default_config import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The CIFAR-10 config (schema: diffjax CONTRACT)."""
-    config = ml_collections.ConfigDict()
-
-    config.data = data = ml_collections.ConfigDict()
-    data.name = "cifar10"
-    data.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    data.image_size = 32
-    data.channels = 3
-    data.random_flip = True
-    data.train_split = "train"
-    data.eval_split = "test"
-    data.num_classes = 10
-
-    config.model = model = ml_collections.ConfigDict()
-    model.ch = 128
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.dropout = 0.1
-    model.resamp_with_conv = True
-    model.dtype = "float32"  # "bfloat16": compute only, parameters stay float32
-    model.num_classes = 0
-
-    config.diffusion = diffusion = ml_collections.ConfigDict()
-    diffusion.schedule = "linear"
-    diffusion.num_timesteps = 1000
-    diffusion.mean_type = "eps"
-    diffusion.var_type = "fixed_large"
-    diffusion.loss_type = "simple"
-
-    config.training = training = ml_collections.ConfigDict()
-    training.num_train_steps = 800_000
-    training.batch_size = 128
-    training.seed = 0
-    training.checkpoint_every_steps = 10_000
-    training.sample_every_steps = 50_000
-    training.log_every_steps = 100
-    training.keep_checkpoints = 3
-    training.ema_decay = 0.9999
-    training.class_dropout = 0.1
-    training.nan_policy = "stop"
-    training.max_consecutive_skips = 10
-
-    config.optimizer = optimizer = ml_collections.ConfigDict()
-    optimizer.learning_rate = 2e-4
-    optimizer.warmup_steps = 5000
-    optimizer.grad_clip = 1.0
-    optimizer.beta1 = 0.9
-    optimizer.beta2 = 0.999
-    optimizer.eps = 1e-8
-
-    config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.num_samples = 64
-    sampling.sampler = "ddpm"
-    sampling.num_steps = 0  # all T steps
-    sampling.eta = 0.0
-    sampling.clip_denoised = True
-    sampling.guidance_scale = 0.0
+    """The CIFAR-10 config: overrides of diffjax.default_config."""
+    config = get_base_config()
+    config.data.num_classes = 10
     return config

@@ -20,66 +20,30 @@ itself is the paper's (T = 1000, linear betas, eps prediction, L_simple).
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from diffjax.default_config import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The digits config (schema: diffjax CONTRACT, sections data/model/diffusion/...)."""
-    config = ml_collections.ConfigDict()
-
-    config.data = data = ml_collections.ConfigDict()
-    data.name = "digits"
-    data.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    data.image_size = 8
-    data.channels = 1
-    data.random_flip = False  # a mirrored digit is not a digit
-    data.train_split = "train"
-    data.eval_split = "test"
-    data.num_classes = 10
-
-    config.model = model = ml_collections.ConfigDict()
-    model.ch = 32
-    model.ch_mult = (1, 2)
-    model.num_res_blocks = 1
-    model.attn_resolutions = (4,)
-    model.dropout = 0.0
-    model.resamp_with_conv = True
-    model.dtype = "float32"
-    model.num_classes = 0  # 10: class-conditional, with classifier-free guidance
-
-    config.diffusion = diffusion = ml_collections.ConfigDict()
-    diffusion.schedule = "linear"
-    diffusion.num_timesteps = 1000
-    diffusion.mean_type = "eps"
-    diffusion.var_type = "fixed_large"
-    diffusion.loss_type = "simple"
-
-    config.training = training = ml_collections.ConfigDict()
-    training.num_train_steps = 2000
-    training.batch_size = 64
-    training.seed = 0
-    training.checkpoint_every_steps = 500
-    training.sample_every_steps = 1000
-    training.log_every_steps = 50
-    training.keep_checkpoints = 2
-    training.ema_decay = 0.995
-    training.class_dropout = 0.1
-    training.nan_policy = "stop"
-    training.max_consecutive_skips = 10
-
-    config.optimizer = optimizer = ml_collections.ConfigDict()
-    optimizer.learning_rate = 1e-3
-    optimizer.warmup_steps = 100
-    optimizer.grad_clip = 1.0
-    optimizer.beta1 = 0.9
-    optimizer.beta2 = 0.999
-    optimizer.eps = 1e-8
-
-    config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.num_samples = 64
-    sampling.sampler = "ddpm"
-    sampling.num_steps = 0  # all T steps
-    sampling.eta = 0.0
-    sampling.clip_denoised = True
-    sampling.guidance_scale = 0.0
+    """The digits config: overrides of diffjax.default_config."""
+    config = get_base_config()
+    config.data.channels = 1
+    config.data.image_size = 8
+    config.data.name = "digits"
+    config.data.num_classes = 10
+    config.data.random_flip = False  # a mirrored digit is not a digit
+    config.model.attn_resolutions = (4,)
+    config.model.ch = 32
+    config.model.ch_mult = (1, 2)
+    config.model.dropout = 0.0
+    config.model.num_res_blocks = 1
+    config.training.batch_size = 64
+    config.training.checkpoint_every_steps = 500
+    config.training.ema_decay = 0.995
+    config.training.keep_checkpoints = 2
+    config.training.log_every_steps = 50
+    config.training.num_train_steps = 2000
+    config.training.sample_every_steps = 1000
+    config.optimizer.learning_rate = 0.001
+    config.optimizer.warmup_steps = 100
     return config

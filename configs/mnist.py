@@ -18,66 +18,26 @@ at 50k; a few hours on one modern GPU, much longer on a laptop CPU.
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from diffjax.default_config import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The MNIST config (schema: diffjax CONTRACT)."""
-    config = ml_collections.ConfigDict()
-
-    config.data = data = ml_collections.ConfigDict()
-    data.name = "mnist"
-    data.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    data.image_size = 28
-    data.channels = 1
-    data.random_flip = False
-    data.train_split = "train"
-    data.eval_split = "test"
-    data.num_classes = 10
-
-    config.model = model = ml_collections.ConfigDict()
-    model.ch = 64
-    model.ch_mult = (1, 2, 2)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (14,)
-    model.dropout = 0.1
-    model.resamp_with_conv = True
-    model.dtype = "float32"
-    model.num_classes = 0
-
-    config.diffusion = diffusion = ml_collections.ConfigDict()
-    diffusion.schedule = "linear"
-    diffusion.num_timesteps = 1000
-    diffusion.mean_type = "eps"
-    diffusion.var_type = "fixed_large"
-    diffusion.loss_type = "simple"
-
-    config.training = training = ml_collections.ConfigDict()
-    training.num_train_steps = 50_000
-    training.batch_size = 128
-    training.seed = 0
-    training.checkpoint_every_steps = 5000
-    training.sample_every_steps = 5000
-    training.log_every_steps = 100
-    training.keep_checkpoints = 3
-    training.ema_decay = 0.9995
-    training.class_dropout = 0.1
-    training.nan_policy = "stop"
-    training.max_consecutive_skips = 10
-
-    config.optimizer = optimizer = ml_collections.ConfigDict()
-    optimizer.learning_rate = 2e-4
-    optimizer.warmup_steps = 1000
-    optimizer.grad_clip = 1.0
-    optimizer.beta1 = 0.9
-    optimizer.beta2 = 0.999
-    optimizer.eps = 1e-8
-
-    config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.num_samples = 64
-    sampling.sampler = "ddim"
-    sampling.num_steps = 100
-    sampling.eta = 0.0
-    sampling.clip_denoised = True
-    sampling.guidance_scale = 0.0
+    """The MNIST config: overrides of diffjax.default_config."""
+    config = get_base_config()
+    config.data.channels = 1
+    config.data.image_size = 28
+    config.data.name = "mnist"
+    config.data.num_classes = 10
+    config.data.random_flip = False
+    config.model.attn_resolutions = (14,)
+    config.model.ch = 64
+    config.model.ch_mult = (1, 2, 2)
+    config.training.checkpoint_every_steps = 5000
+    config.training.ema_decay = 0.9995
+    config.training.num_train_steps = 50_000
+    config.training.sample_every_steps = 5000
+    config.optimizer.warmup_steps = 1000
+    config.sampling.num_steps = 100
+    config.sampling.sampler = "ddim"
     return config

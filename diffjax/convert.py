@@ -58,6 +58,7 @@ import safetensors.numpy
 from etils import epath
 
 from diffjax import checkpointing, diffusion, schedules
+from diffjax.default_config import get_base_config
 from diffjax.models import create_model
 
 __all__ = [
@@ -443,27 +444,22 @@ def make_config(
             f"unsupported UNet2DModel config out_channels={arch['out_channels']}; with in_channels="
             f"{arch['channels']} and var_type={diff['var_type']!r} it must be {expected}"
         )
-    data = dict(
-        name=dataset, data_dir=None, image_size=arch["image_size"], channels=arch["channels"],
-        random_flip=True, train_split="train", eval_split=_EVAL_SPLITS.get(dataset, "test"),
-        num_classes=0,
-    )  # fmt: skip
-    training = dict(
-        num_train_steps=800_000, batch_size=128, seed=0, checkpoint_every_steps=10_000,
-        sample_every_steps=10_000, log_every_steps=100, keep_checkpoints=3, ema_decay=0.9999,
-        class_dropout=0.0, nan_policy="stop", max_consecutive_skips=10,
-    )  # fmt: skip
-    optimizer = dict(
-        learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8
+    config = get_base_config()
+    config.data.update(
+        dict(
+            name=dataset,
+            image_size=arch["image_size"],
+            channels=arch["channels"],
+            eval_split=_EVAL_SPLITS.get(dataset, "test"),
+        )
     )
-    sampling = dict(
-        num_samples=50_000, sampler="ddpm", num_steps=0, eta=0.0, clip_denoised=clip,
-        guidance_scale=0.0,
-    )  # fmt: skip
-    return ml_collections.ConfigDict(
-        dict(data=data, model=arch["model"], diffusion=diff, training=training,
-             optimizer=optimizer, sampling=sampling)
-    )  # fmt: skip
+    config.model.update(arch["model"])
+    config.diffusion.update(diff)
+    config.training.class_dropout = 0.0
+    config.training.sample_every_steps = 10_000
+    config.sampling.num_samples = 50_000
+    config.sampling.clip_denoised = clip
+    return config
 
 
 def _expected_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
