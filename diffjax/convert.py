@@ -40,11 +40,9 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
@@ -57,7 +55,7 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
-from diffjax import checkpointing, diffusion, schedules
+from diffjax import checkpointing, cli, diffusion, schedules
 from diffjax.default_config import get_base_config
 from diffjax.models import create_model
 
@@ -75,7 +73,7 @@ __all__ = [
 ]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-EXIT_USAGE = 2
+EXIT_USAGE = cli.EXIT_USAGE
 _PROG = "diffjax.convert"
 
 # UNet2DModel.__init__ defaults (diffusers 0.42), used for keys a config.json leaves out. Only
@@ -590,19 +588,13 @@ def convert(
     return config
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
-        _fail(message)
-
-
 def _fail(message: str) -> NoReturn:
-    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    cli.fail(_PROG, message)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m diffjax.convert --from=DIR --to=RUN``; errors: one line, exit status 2."""
-    parser = _Parser(prog=f"python -m {_PROG}", description=__doc__.split("\n")[0])
+    parser = cli.OneLineParser(_PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="src", required=True, help="diffusers folder or Hub id")
     parser.add_argument("--to", dest="workdir", required=True, help="diffjax run directory")
     parser.add_argument("--ema_from", default=None, help="optional folder for ema_params")

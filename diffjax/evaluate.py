@@ -44,9 +44,12 @@ from typing import Any, NoReturn
 
 from etils import epath
 
+from diffjax import cli
+
 __all__ = ["main", "parse_args"]
 
-EXIT_USAGE = 2
+EXIT_USAGE = cli.EXIT_USAGE
+UsageError = cli.UsageError
 _PROG = "diffjax.evaluate"
 METRICS = ("bpd", "fid", "is", "digits_fd")
 # Repeated from their modules so that flags are checked before jax is imported.
@@ -58,22 +61,12 @@ _DEFAULT_INCEPTION_SAMPLES = 50_000
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-class UsageError(Exception):
-    """A bad flag value or an unusable run or file, reported as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
-        _fail(message)
-
-
 def _fail(message: str) -> NoReturn:
-    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    cli.fail(_PROG, message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {_PROG}", description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(_PROG, description=__doc__.split("\n")[0])
     add = p.add_argument
     add("--workdir", required=True, help="run directory (local path or gs://)")
     add("--metrics", default=None, help=f"comma-separated subset of {','.join(METRICS)}")
@@ -139,14 +132,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _check_files(args: argparse.Namespace) -> None:
     """Fail before importing jax when the run or a required file is missing."""
+    cli.check_run_dir(args.workdir)
     path = epath.Path(args.workdir)
-    if not path.exists():
-        raise UsageError(f"workdir {args.workdir} does not exist")
-    if not (path / "config.json").exists():
-        raise UsageError(f"workdir {args.workdir} has no config.json: not a diffjax run")
-    ckpt = path / "checkpoints"
-    if not ckpt.exists() or not any(p.name.isdigit() for p in ckpt.iterdir()):
-        raise UsageError(f"workdir {args.workdir} has no checkpoint in {ckpt}")
     if args.metrics is None:
         name = json.loads((path / "config.json").read_text())["data"]["name"]
         grey = name in _CLASSIFIER_DATASETS

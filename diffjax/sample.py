@@ -32,29 +32,22 @@ from typing import Any, NoReturn
 
 from etils import epath
 
+from diffjax import cli
+
 __all__ = ["main", "parse_args"]
 
-EXIT_USAGE = 2
+EXIT_USAGE = cli.EXIT_USAGE
+UsageError = cli.UsageError
 _PROG = "diffjax.sample"
 _SAMPLERS = ("ddpm", "ddim")  # diffjax.sampling.SAMPLERS; repeated to fail before importing jax
 
 
-class UsageError(Exception):
-    """A bad flag value or an unusable workdir, reported as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
-        _fail(message)
-
-
 def _fail(message: str) -> NoReturn:
-    print(f"{_PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    cli.fail(_PROG, message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {_PROG}", description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(_PROG, description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
     p.add_argument("--num", type=int, default=None, help="number of samples")
     p.add_argument("--sampler", default=None, help=f"one of {', '.join(_SAMPLERS)}")
@@ -102,14 +95,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _check_workdir(workdir: str) -> None:
     """Fail before importing jax when the workdir cannot hold a run."""
-    path = epath.Path(workdir)
-    if not path.exists():
-        raise UsageError(f"workdir {workdir} does not exist")
-    if not (path / "config.json").exists():
-        raise UsageError(f"workdir {workdir} has no config.json: not a diffjax run")
-    ckpt = path / "checkpoints"
-    if not ckpt.exists() or not any(p.name.isdigit() for p in ckpt.iterdir()):
-        raise UsageError(f"workdir {workdir} has no checkpoint in {ckpt}")
+    cli.check_run_dir(workdir)
 
 
 def _labels(num_classes: int, class_label: int | None, total: int) -> Any:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffjax import images
+from diffjax import cli, images
 from diffjax.viz.canvas import PathLike
 from diffjax.viz.curves import schedule_curves, training_curves, vlb_terms
 from diffjax.viz.strips import forward_process_strip, reverse_process_strip
@@ -120,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     A bad flag or an unusable run prints one line ``diffjax.viz: error: ...`` and exits with 2.
     """
-    parser = _Parser(
-        prog="python -m diffjax.viz",
+    parser = cli.OneLineParser(
+        "diffjax.viz",
         description="Write every figure of a trained run into RUN/figures; print their paths.",
     )
     parser.add_argument("--workdir", required=True, help="run directory (local or gs://)")
@@ -147,9 +146,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, p in paths.items():
         print(f"{name:10s} {p}")
     return 0
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
-        print(f"diffjax.viz: error: {' '.join(message.split())}", file=sys.stderr)
-        raise SystemExit(2)
