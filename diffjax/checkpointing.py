@@ -10,23 +10,39 @@ Layout::
 Checkpoints are written by an orbax ``CheckpointManager`` (asynchronously; all processes call
 it, and orbax decides which process writes what). Trees are saved as host numpy arrays, which
 orbax treats as replicated and writes once, from process 0.
+
+Crash safety. orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to
+``<step>`` when every item is written (on gs://, where renames are not atomic, it writes
+``<step>/commit_success.txt`` last instead); unfinished steps are never listed, and the
+manager created here deletes them when it starts. So a process killed at any moment (even
+``kill -9`` during a save) resumes from the last complete checkpoint. A complete checkpoint that
+cannot be read back (damaged storage, a partial copy) is moved to ``workdir/corrupt_checkpoints``
+with a warning and the previous one is used; a checkpoint whose shapes do not fit the config is
+an error, never a silent re-initialisation.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from diffjax.config_validation import ReportableError
 
 __all__ = [
     "CHECKPOINT_SUBDIR",
     "CONFIG_FILE",
+    "CORRUPT_SUBDIR",
+    "CheckpointMismatchError",
     "checkpoint_dir",
+    "checkpoint_mismatches",
     "create_checkpoint_manager",
     "load_config",
     "resolve_workdir",
@@ -40,7 +56,14 @@ __all__ = [
 PyTree = Any
 CONFIG_FILE = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
-TRAINING_ITEMS = ("params", "ema_params", "opt_state", "meta")
+CORRUPT_SUBDIR = "corrupt_checkpoints"
+TREE_ITEMS = ("params", "ema_params", "opt_state")
+TRAINING_ITEMS = (*TREE_ITEMS, "meta")
+_MAX_LISTED_MISMATCHES = 5
+
+
+class CheckpointMismatchError(ReportableError, ValueError):
+    """A checkpoint that cannot resume this config (other shapes, or no optimizer state)."""
 
 
 def resolve_workdir(workdir: str | epath.PathLike) -> epath.Path:
@@ -59,7 +82,14 @@ def save_config(workdir: str | epath.PathLike, config: ml_collections.ConfigDict
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     out = path / CONFIG_FILE
-    out.write_text(config.to_json(indent=2, sort_keys=True) + "\n")
+    text = config.to_json(indent=2, sort_keys=True) + "\n"
+    if "://" in str(path):
+        out.write_text(text)  # an object store writes an object whole or not at all
+    else:
+        # Written aside, then renamed: a crash never leaves a truncated config.json.
+        tmp = path / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out)
     return out
 
 
@@ -91,6 +121,8 @@ def create_checkpoint_manager(
 
     Saving is decided by the caller (``save(..., force=True)``), not by an interval here.
     Use it as a context manager, or call ``close()``: pending asynchronous writes finish there.
+    A writable manager deletes the unfinished (temporary) step directories left by a killed
+    process when it starts.
     """
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=0 if read_only else 1,
@@ -98,8 +130,12 @@ def create_checkpoint_manager(
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=enable_async,
+        cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    # Handlers known up front, so that item_metadata() can describe a step before restoring.
+    handlers = {name: ocp.StandardCheckpointHandler() for name in TREE_ITEMS}
+    handlers["meta"] = ocp.JsonCheckpointHandler()
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def _host(tree: PyTree) -> PyTree:
@@ -129,6 +165,117 @@ def save_training_checkpoint(
     return manager.save(int(step), args=args, force=True)
 
 
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    """'down_0_block_0/conv1/kernel' for a pytree key path (dict keys, indices, attributes)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        _leaf_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves
+    }
+
+
+def checkpoint_mismatches(
+    manager: ocp.CheckpointManager, step: int, templates: dict[str, PyTree]
+) -> list[str]:
+    """Leaves of checkpoint ``step`` whose presence, shape or dtype differ from ``templates``.
+
+    ``templates`` maps item names (params, ema_params, opt_state) to trees of the config being
+    run. Reads only the checkpoint's metadata. Each line names the leaf and both shapes.
+    """
+    metadata = manager.item_metadata(step)
+    problems = []
+    for item, template in templates.items():
+        saved_tree = metadata[item] if item in metadata else None
+        if saved_tree is None:
+            problems.append(f"{item}: missing from the checkpoint")
+            continue
+        saved, wanted = _leaf_specs(saved_tree), _leaf_specs(template)
+        for name in sorted(saved.keys() | wanted.keys()):
+            got, want = saved.get(name), wanted.get(name)
+            if got == want:
+                continue
+            if got is None:
+                problems.append(f"{item}/{name}: in the config {want[0]}, not in the checkpoint")
+            elif want is None:
+                problems.append(f"{item}/{name}: in the checkpoint {got[0]}, not in the config")
+            else:
+                problems.append(
+                    f"{item}/{name}: checkpoint {got[0]} {got[1]}, config {want[0]} {want[1]}"
+                )
+    return problems
+
+
+def _restore_step(
+    manager: ocp.CheckpointManager, step: int, templates: dict[str, PyTree]
+) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """Restore one step; CheckpointMismatchError if it does not fit, other errors if unreadable."""
+    where = epath.Path(manager.directory) / str(step)
+    if not (where / "opt_state").exists():
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {manager.directory} has no optimizer state (an inference-only "
+            "run, e.g. converted weights): it cannot resume training; use another workdir"
+        )
+    problems = checkpoint_mismatches(manager, step, templates)
+    if problems:
+        listed = "; ".join(problems[:_MAX_LISTED_MISMATCHES])
+        more = len(problems) - _MAX_LISTED_MISMATCHES
+        raise CheckpointMismatchError(
+            f"checkpoint {where} does not fit the config ({listed}"
+            f"{f'; and {more} more' if more > 0 else ''}); it was trained with "
+            f"{epath.Path(manager.directory).parent / CONFIG_FILE}: resume with that config, or "
+            "start the new config in another --workdir"
+        )
+    args = ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(_host(tree)) for name, tree in templates.items()},
+        meta=ocp.args.JsonRestore(),
+    )
+    restored = manager.restore(step, args=args)
+    trees = {name: restored[name] for name in templates}
+    meta = dict(restored["meta"])
+    if int(meta.get("step", -1)) != step:
+        raise ValueError(f"meta of checkpoint {step} names step {meta.get('step')!r}")
+    for name, tree in trees.items():
+        if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree) if x.dtype.kind == "f"):
+            raise ValueError(f"{name} of checkpoint {step} holds non-finite values")
+    return trees, meta
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (the same answer everywhere)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Move step ``step`` out of the manager's sight into ``workdir/corrupt_checkpoints``."""
+    source = epath.Path(manager.directory) / str(step)
+    target_dir = epath.Path(manager.directory).parent / CORRUPT_SUBDIR
+    target = target_dir / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"diffjax_quarantine_{step}")
+    manager.reload()
+    return target
+
+
 def restore_training_checkpoint(
     manager: ocp.CheckpointManager,
     *,
@@ -137,28 +284,39 @@ def restore_training_checkpoint(
     opt_state: PyTree,
     step: int | None = None,
 ) -> tuple[dict[str, PyTree], dict[str, Any]] | None:
-    """Restore ``step`` (default: the latest) into the structure of the given templates.
+    """Restore ``step``, or the latest readable checkpoint, into the templates' structure.
+
+    Without ``step``, a latest checkpoint that cannot be read (or holds non-finite values) is
+    moved to ``workdir/corrupt_checkpoints`` with a warning and the one before is tried; all
+    processes agree on the step they restore. A checkpoint whose leaves do not match the
+    templates raises :class:`CheckpointMismatchError` naming them: the config differs from the
+    run's, and re-initialising would discard it.
 
     :return: ({"params", "ema_params", "opt_state"} as host numpy trees, meta dict), or None
         when the directory has no checkpoint.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None
-    if not (epath.Path(manager.directory) / str(step) / "opt_state").exists():
-        raise ValueError(
-            f"checkpoint {step} in {manager.directory} has no optimizer state (an inference-only "
-            "run, e.g. converted weights): it cannot resume training; use another workdir"
+    templates = {"params": params, "ema_params": ema_params, "opt_state": opt_state}
+    if step is not None:
+        return _restore_step(manager, int(step), templates)
+    while (latest := manager.latest_step()) is not None:
+        error: Exception | None = None
+        try:
+            result = _restore_step(manager, latest, templates)
+        except CheckpointMismatchError:
+            raise
+        except Exception as err:  # noqa: BLE001 - anything unreadable is treated alike
+            error = err
+        if _all_processes(error is None):
+            return result
+        moved = _quarantine(manager, latest)
+        logging.warning(
+            "checkpoint %d cannot be restored (%s); moved to %s; falling back to the previous "
+            "checkpoint",
+            latest,
+            "on another process" if error is None else f"{type(error).__name__}: {error}",
+            moved,
         )
-    args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(_host(params)),
-        ema_params=ocp.args.StandardRestore(_host(ema_params)),
-        opt_state=ocp.args.StandardRestore(_host(opt_state)),
-        meta=ocp.args.JsonRestore(),
-    )
-    restored = manager.restore(step, args=args)
-    trees = {name: restored[name] for name in ("params", "ema_params", "opt_state")}
-    return trees, dict(restored["meta"])
+    return None
 
 
 def restore_ema_params(

@@ -9,13 +9,21 @@ value and what is allowed, e.g.::
     training.batch_size = 30: must be divisible by 8 devices x 2 processes = 16
 
 Rules are data (tables of ``(key, predicate, allowed)``), plus a few cross-field rules that need
-several keys (schedule at T, U-Net geometry, batch sharding).
+several keys (schedule at T, U-Net geometry, batch sharding, the dataset's channels and labels).
+
+Command lines: :class:`ReportableError` is the base of every error whose message is a complete
+explanation (a config, an unusable workdir or checkpoint, a diverged run);
+:func:`exit_on_reportable_error` prints it as ``error: ...`` without a traceback and exits (2 for
+a config, else 1). :func:`exit_on_unknown_overrides` reports ``--config.x.y=...`` overrides that
+name no field, which ml_collections would otherwise report with a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,10 +33,14 @@ from diffjax import diffusion, losses, schedules
 
 __all__ = [
     "ConfigError",
+    "ReportableError",
     "config_problems",
     "exit_on_config_error",
+    "exit_on_reportable_error",
+    "exit_on_unknown_overrides",
     "exit_with_config_error",
     "format_config_error",
+    "override_problems",
     "validate_config",
 ]
 
@@ -40,8 +52,20 @@ SAMPLERS = ("ddpm", "ddim")
 CONFIG_ERROR_EXIT_CODE = 2  # the usual exit status of a command-line usage error
 
 
-class ConfigError(ValueError):
+class ReportableError(Exception):
+    """An error whose message alone tells a command-line user what is wrong and what to do.
+
+    A command line prints it as ``error: <message>`` without a traceback and exits with
+    ``exit_code`` (see :func:`exit_on_reportable_error`).
+    """
+
+    exit_code: int = 1
+
+
+class ConfigError(ReportableError, ValueError):
     """A config with one or more problems; ``problems`` holds one line per problem."""
+
+    exit_code = CONFIG_ERROR_EXIT_CODE
 
     def __init__(self, problems: Sequence[str]):
         self.problems: tuple[str, ...] = tuple(problems)
@@ -339,21 +363,102 @@ def validate_config(config: Any, *, num_devices: int, num_processes: int) -> Non
         raise ConfigError(problems)
 
 
-def format_config_error(err: ConfigError) -> str:
-    """The message a command line prints: a header and one indented line per problem."""
+def override_problems(config: Any, argv: Sequence[str], flag: str = "config") -> list[str]:
+    """One line per ``--config.a.b=value`` in ``argv`` that names no field of ``config``.
+
+    ml_collections' config flags report such an override with a Python traceback (and, when
+    ``--config`` is not given, already while the flag is defined); a command line calls this
+    first, with the config it is about to load, to print a one-line error instead.
+    """
+    problems = []
+    prefix = re.compile(rf"^--?(?:no)?{re.escape(flag)}\.")
+    for arg in argv:
+        if not prefix.match(arg):
+            continue
+        path = arg.split("=", 1)[0].split(".", 1)[1]
+        node, walked = config, [flag]
+        for part in path.split("."):
+            keys = _child_keys(node)
+            if keys is None:
+                break  # inside a leaf value (e.g. a tuple): ml_collections reports that itself
+            if part not in keys:
+                where = ".".join(walked)
+                problems.append(
+                    f"{arg.split('=', 1)[0]}: {where} has no field {part!r}; allowed: "
+                    f"{', '.join(sorted(keys))}"
+                )
+                break
+            node, walked = node[part], [*walked, part]
+    return problems
+
+
+def _config_file_from_argv(argv: Sequence[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{flag}=") or arg.startswith(f"-{flag}="):
+            return arg.split("=", 1)[1]
+        if arg in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load_config_file(path: str) -> Any:
+    """``get_config()`` of a config file given as ``PATH[:ARG]``, as ml_collections' flag does."""
+    file, *arg = path.split(":", 1)
+    spec = importlib.util.spec_from_file_location("diffjax_config_file", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
+def exit_on_unknown_overrides(
+    argv: Sequence[str], default_config: str, flag: str = "config", stream: TextIO | None = None
+) -> None:
+    """Exit with status 2 and one line per override in ``argv`` that names no config field.
+
+    Call it before ``config_flags.DEFINE_config_file`` (which already applies the overrides
+    when ``--config`` is not given). The config file is ``--config=PATH[:ARG]`` from ``argv``,
+    else ``default_config``; when it cannot be loaded, nothing is checked here and the flag
+    reports the failure itself.
+    """
+    path = _config_file_from_argv(argv, flag) or str(default_config)
+    try:
+        config = _load_config_file(path)
+        problems = override_problems(config, argv, flag)
+    except Exception:  # noqa: BLE001 - loading errors are reported by the flag itself
+        return
+    if problems:
+        exit_with_config_error(ConfigError(problems), stream)
+
+
+def _child_keys(node: Any) -> list[str] | None:
+    if hasattr(node, "keys") and callable(node.keys):
+        return [str(k) for k in node.keys()]
+    return None
+
+
+def format_config_error(err: ReportableError) -> str:
+    """The message a command line prints (for a ConfigError: a header and one line per problem)."""
     return str(err)
 
 
-def exit_with_config_error(err: ConfigError, stream: TextIO | None = None) -> NoReturn:
-    """Print ``err`` without a traceback and exit with status 2 (a usage error)."""
+def exit_with_config_error(err: ReportableError, stream: TextIO | None = None) -> NoReturn:
+    """Print ``err`` as ``error: ...`` without a traceback and exit with its status."""
     print(f"error: {format_config_error(err)}", file=stream or sys.stderr, flush=True)
-    raise SystemExit(CONFIG_ERROR_EXIT_CODE)
+    raise SystemExit(err.exit_code)
 
 
 @contextmanager
-def exit_on_config_error(stream: TextIO | None = None) -> Iterator[None]:
-    """Turn a :class:`ConfigError` raised in the block into a clean exit with status 2."""
+def exit_on_reportable_error(stream: TextIO | None = None) -> Iterator[None]:
+    """Turn a :class:`ReportableError` raised in the block into ``error: ...`` and an exit.
+
+    The status is the error's ``exit_code``: 2 for a :class:`ConfigError` (a usage error),
+    1 otherwise (e.g. a diverged run, an unusable workdir or checkpoint).
+    """
     try:
         yield
-    except ConfigError as err:
+    except ReportableError as err:
         exit_with_config_error(err, stream)
+
+
+# The name command lines have used; it handles every ReportableError, configs included.
+exit_on_config_error = exit_on_reportable_error

@@ -8,6 +8,8 @@ request and answers ``should_stop(step)``; the loop does the saving.
 Usage::
 
     with StopGuard(sync_every_steps=10) as guard:
+        if guard.should_stop(start):  # registers the starting step
+            return
         for step in range(start, num_steps):
             state = train_step(state, batch)
             if guard.should_stop(step + 1):
@@ -164,18 +166,20 @@ class StopGuard:
         """True when every process should stop after ``step``; the same answer on all of them.
 
         Call it once per step, on every process, with consecutive step numbers (JAX's sync
-        service requires it), after the step's update. Once True it stays True.
+        service requires it), after the step's update; and once before the first update with
+        the starting step, so that a resumed run and a notice received before the first step
+        agree on the sync step. Once True it stays True.
         """
         if self._decided:
             return True
-        if self._num_processes == 1:
-            self._decided = self._event.is_set()
-            return self._decided
         if self._native and _reached_native_sync_point(step):
             self._decided = True
             if self._reason is None:
                 self._reason = "preemption notice (SIGTERM)"
-        if step % self.sync_every_steps == 0:
+        if self._num_processes == 1:
+            # No one to agree with; a single-process jax.distributed run still has the service.
+            self._decided = self._decided or self._event.is_set()
+        elif step % self.sync_every_steps == 0:
             from jax.experimental import multihost_utils
 
             flags = multihost_utils.process_allgather(np.int32(self._event.is_set()))

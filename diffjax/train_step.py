@@ -98,7 +98,8 @@ def train_step(
     :return: the updated state (step + 1, EMA updated with the new params) and metrics averaged
         over all devices: ``loss`` (and ``mse``/``vlb`` as the loss provides), ``grad_norm``
         (global norm of the averaged gradient, before clipping), ``learning_rate`` (of this
-        update).
+        update), ``skipped`` (1.0 when the loss or the gradient was not finite: then params,
+        EMA and optimizer state are returned unchanged and only the step advances).
     """
     images = batch["image"]  # [b, H, W, C]
     local_batch = images.shape[0]
@@ -142,12 +143,30 @@ def train_step(
     metrics = dict(terms)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_fn(state.step)
-    # Hook: a non-finite loss/grad_norm policy (training.nan_policy) acts here, before the update.
+    metrics = jax.lax.pmean(metrics, axis_name)
+    # A non-finite loss or gradient on any device is non-finite in these all-reduced values on
+    # every device (NaN and inf propagate through the mean), so all devices of all processes
+    # take the same decision without another collective.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     new_state = state.apply_gradients(grads=grads)
     new_state = new_state.replace(
         ema_params=ema_update(state.ema_params, new_state.params, ema_decay)
     )
-    return new_state, jax.lax.pmean(metrics, axis_name)
+    # Skipped update: parameters, EMA and Adam state stay as they were; the step (and with it
+    # the data position and the keys) advances. training.nan_policy decides on the host whether
+    # to go on.
+    new_state = new_state.replace(
+        **{
+            name: jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                getattr(new_state, name),
+                getattr(state, name),
+            )
+            for name in ("params", "ema_params", "opt_state")
+        }
+    )
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new_state, metrics
 
 
 def make_train_step(

@@ -6,17 +6,26 @@ What a run does (see ``train.py`` for the command line; usable from a notebook a
     from configs import digits
     result = training.train_and_evaluate(digits.get_config(), "workdirs/digits")
 
-1. validates the config for this topology (global batch divisible by all devices);
-2. writes ``workdir/config.json`` and TensorBoard events (process 0 only);
-3. builds the U-Net, the schedule and the optimizer, and resumes from the latest checkpoint
-   in ``workdir/checkpoints`` when there is one: parameters, EMA, Adam moments and the step,
-   which is also the position in the data stream (batch k is a pure function of
-   (seed, k, process), see ``diffjax.input_pipeline``) and in the key stream;
+1. validates the config for this topology (global batch divisible by all devices), checks
+   that the dataset is prepared and that the workdir can be written (creating it);
+2. builds the U-Net, the schedule and the optimizer, and resumes from the latest readable
+   checkpoint in ``workdir/checkpoints`` when there is one: parameters, EMA, Adam moments and
+   the step, which is also the position in the data stream (batch k is a pure function of
+   (seed, k, process), see ``diffjax.input_pipeline``) and in the key stream. A checkpoint
+   whose shapes do not fit the config is an error naming the leaves; an unreadable one is set
+   aside with a warning (``diffjax.checkpointing``);
+3. writes ``workdir/config.json`` (warning about every key that changed on a resume) and
+   TensorBoard events (process 0 only);
 4. runs the data-parallel step (``diffjax.train_step``) on all local devices, logging loss,
    gradient norm, learning rate and images/s every ``log_every_steps``, saving a checkpoint
    every ``checkpoint_every_steps`` and a PNG grid of samples from the EMA parameters every
    ``sample_every_steps`` (and all three at the end);
-5. stops early, with a checkpoint, on SIGTERM/SIGINT (``diffjax.preemption``).
+5. on SIGTERM/SIGINT (``diffjax.preemption``) finishes the current step, writes a checkpoint,
+   waits until it is complete, prints where it is and returns (``stopped_early``); no samples;
+6. on a non-finite loss or gradient (the update is always skipped on the device):
+   ``training.nan_policy="stop"`` raises :class:`NonFiniteError` naming the step and the last
+   good checkpoint; ``"skip"`` goes on, and raises once more than
+   ``training.max_consecutive_skips`` steps in a row were skipped.
 
 Multi-host. Every process runs the same program on its local devices; the global batch is
 split evenly over processes and their devices. Call :func:`initialize_distributed` first
@@ -26,9 +35,12 @@ describes several processes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,7 +55,7 @@ from flax import jax_utils
 from tqdm import tqdm
 
 from diffjax import checkpointing, images, input_pipeline, sampling
-from diffjax.config_validation import validate_config
+from diffjax.config_validation import ReportableError, validate_config
 from diffjax.metrics_writer import MetricWriter, format_metrics
 from diffjax.models import create_model
 from diffjax.preemption import StopGuard
@@ -53,7 +65,11 @@ from diffjax.train_state import TrainState, create_train_state
 from diffjax.train_step import AXIS_NAME, make_p_train_step, per_device_batch_size
 
 __all__ = [
+    "NonFiniteError",
+    "STOP_SYNC_EVERY_STEPS",
     "TrainResult",
+    "WorkdirError",
+    "config_changes",
     "initialize_distributed",
     "make_sample_fn",
     "multiprocess_requested",
@@ -62,6 +78,9 @@ __all__ = [
 
 # Independent key streams derived from training.seed.
 _INIT_STREAM, _STEP_STREAM, _SAMPLE_STREAM = 0, 1, 2
+# In multi-process runs a signal caught in Python is agreed on with an all-gather this often
+# (SIGTERM under jax.distributed goes through JAX's preemption service at every step instead).
+STOP_SYNC_EVERY_STEPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +230,95 @@ def _restore_or_init(
     return state.replace(step=int(meta["step"]), **trees)
 
 
+class WorkdirError(ReportableError):
+    """The workdir cannot be created or written."""
+
+
+class NonFiniteError(ReportableError):
+    """The loss or gradient became non-finite and ``training.nan_policy`` says stop."""
+
+
+def _prepare_workdir(workdir: epath.Path) -> None:
+    """Create ``workdir`` (with parents) and prove that files can be written in it."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe_{os.getpid()}"
+        probe.write_text("ok\n")
+        probe.unlink()
+    except Exception as err:  # noqa: BLE001 - local and remote file systems raise differently
+        raise WorkdirError(
+            f"workdir {workdir} cannot be written ({type(err).__name__}: {err}); pass a "
+            "writable --workdir (a local path or gs://bucket/path)"
+        ) from err
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """One line per dotted key whose value differs between two configs (as JSON dicts)."""
+    a, b = _flat(old), _flat(new)
+    missing = object()
+    return [
+        f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}".replace(
+            repr(missing), "(absent)"
+        )
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, missing) != b.get(key, missing)
+    ]
+
+
+def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+    """Write config.json; on a resume, first warn about every key that changed."""
+    path = workdir / checkpointing.CONFIG_FILE
+    if path.exists():
+        new = json.loads(config.to_json())
+        try:
+            changes = config_changes(json.loads(path.read_text()), new)
+        except ValueError:
+            changes = ["(the previous config.json is unreadable)"]
+        for change in changes:
+            logging.warning("config changed since this workdir's config.json: %s", change)
+    checkpointing.save_config(workdir, config)
+
+
+def _nonfinite_action(policy: str, consecutive: int, max_skips: int) -> str:
+    """ "skip" or "stop" after ``consecutive`` (>= 1) non-finite steps in a row."""
+    actions = {
+        "stop": lambda: "stop",
+        "skip": lambda: "skip" if consecutive <= max_skips else "stop",
+    }
+    return actions[policy]()
+
+
+def _nonfinite_message(
+    tc: ml_collections.ConfigDict, step: int, consecutive: int, last_good: str
+) -> str:
+    first = step - consecutive + 1
+    what = (
+        f"non-finite loss or gradient at step {step} (training.nan_policy='stop')"
+        if tc.nan_policy == "stop"
+        else f"non-finite loss or gradient in {consecutive} consecutive steps ({first}-{step}), "
+        f"more than training.max_consecutive_skips={tc.max_consecutive_skips}"
+    )
+    return (
+        f"{what}; {last_good}. A restart resumes from it; lower optimizer.learning_rate, or "
+        "set training.nan_policy=skip to step over isolated bad batches"
+    )
+
+
+def _console(metrics: Mapping[str, float]) -> dict[str, float]:
+    # "skipped" (fraction of skipped updates) only when there were any.
+    return {k: v for k, v in metrics.items() if k != "skipped" or v > 0}
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 
@@ -221,6 +329,10 @@ def train_and_evaluate(
 
     :raises diffjax.config_validation.ConfigError: the config is invalid for this topology.
     :raises diffjax.input_pipeline.DatasetNotPreparedError: the dataset needs ``tfds build``.
+    :raises WorkdirError: ``workdir`` cannot be created or written.
+    :raises diffjax.checkpointing.CheckpointMismatchError: the workdir's checkpoint does not fit
+        the config (it is never overwritten by a fresh initialisation).
+    :raises NonFiniteError: the loss or gradient became non-finite (``training.nan_policy``).
     """
     num_local = jax.local_device_count()
     validate_config(config, num_devices=num_local, num_processes=jax.process_count())
@@ -229,10 +341,10 @@ def train_and_evaluate(
     input_pipeline.num_examples(config, config.data.train_split)
     tc = config.training
     workdir = checkpointing.resolve_workdir(workdir)
+    ckpt_dir = checkpointing.checkpoint_dir(workdir)
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        checkpointing.save_config(workdir, config)
+        _prepare_workdir(workdir)
         print(f"workdir: {workdir}")
 
     model = create_model(config)
@@ -250,32 +362,47 @@ def train_and_evaluate(
     stopped_early = False
     # Closed in reverse order on any exit; the manager's close waits for pending saves.
     with contextlib.ExitStack() as stack:
-        writer = MetricWriter(workdir, enabled=is_main)
-        stack.callback(writer.close)
         manager = stack.enter_context(
             checkpointing.create_checkpoint_manager(workdir, keep=tc.keep_checkpoints)
         )
+        # From here on SIGTERM / SIGINT are recorded, not fatal: the loop stops at a step end.
+        guard = stack.enter_context(StopGuard(sync_every_steps=STOP_SYNC_EVERY_STEPS))
         state = _restore_or_init(config, model, manager, init_key)
         start_step = last_saved = step = int(state.step)
-        if start_step and is_main:
-            print(f"resuming from the checkpoint at step {start_step}")
+        if is_main:
+            # Only now: a config that does not fit the checkpoint has raised, and the
+            # config.json of the trained run is still the one that describes it.
+            _record_config(workdir, config)
+            if start_step:
+                print(f"resuming from the checkpoint at step {start_step}")
+        writer = MetricWriter(workdir, enabled=is_main)
+        stack.callback(writer.close)
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
         logging.info("model: %d parameters; %d local device(s)", num_params, num_local)
         # Replicated along the mesh axis of the step, so that the second call does not recompile.
         p_state = jax_utils.replicate(state, axis_name=AXIS_NAME)
         del state  # the replicated copy is donated at every step
         train_iter = input_pipeline.create_train_iterator(config, start_step=start_step)
-        guard = stack.enter_context(StopGuard())
         bar = stack.enter_context(
             tqdm(total=tc.num_train_steps, initial=start_step, disable=not is_main, desc="train")
         )
+        # (step, "skipped" flag on the device) of steps the host has not looked at yet.
+        unchecked: collections.deque[tuple[int, jax.Array]] = collections.deque()
+        consecutive_bad = 0
         timer_start, timer_steps = time.perf_counter(), 0
-        while step < tc.num_train_steps:
+        # Also registers the starting step with JAX's preemption sync (multi-process): a notice
+        # that arrives during the first compilation then stops all processes after one step.
+        if guard.should_stop(start_step):
+            stopped_early = True
+            if is_main:
+                bar.write(f"stopped by {guard.reason} before the first step: nothing new to save")
+        while not stopped_early and step < tc.num_train_steps:
             batch = next(train_iter)
             batch = _shard({k: batch[k] for k in keep}, num_local)
             p_state, metrics = p_train_step(p_state, batch)
             step += 1
             history.append(metrics)
+            unchecked.append((step, metrics["skipped"]))
             bar.update(1)
             if step == start_step + 1:
                 # Throughput excludes the first step, which compiles.
@@ -287,8 +414,37 @@ def train_and_evaluate(
             # Preemption: every process gets the same answer at the same step (diffjax.preemption).
             stop = guard.should_stop(step)
             final = step == tc.num_train_steps or stop
+            log_now = step % tc.log_every_steps == 0 or final
+            save_now = step % tc.checkpoint_every_steps == 0 or final
+            sample_now = is_main and not stop and (step % tc.sample_every_steps == 0 or final)
 
-            if step % tc.log_every_steps == 0 or final:
+            # Non-finite steps were already skipped on the device. The host reads the flags one
+            # step late (the device runs the newer step meanwhile) and catches up before
+            # anything is logged or written. The flags are equal on all processes.
+            while len(unchecked) > (0 if log_now or save_now or sample_now else 1):
+                bad_step, flag = unchecked.popleft()
+                consecutive_bad = consecutive_bad + 1 if float(flag[0]) > 0 else 0
+                if not consecutive_bad:
+                    continue
+                action = _nonfinite_action(tc.nan_policy, consecutive_bad, tc.max_consecutive_skips)
+                if action == "stop":
+                    manager.wait_until_finished()
+                    good = manager.latest_step()
+                    last_good = (
+                        f"the last good checkpoint is {ckpt_dir / str(good)}"
+                        if good is not None
+                        else "no checkpoint was written yet"
+                    )
+                    raise NonFiniteError(
+                        _nonfinite_message(tc, bad_step, consecutive_bad, last_good)
+                    )
+                if is_main:
+                    bar.write(
+                        f"step {bad_step}: non-finite loss or gradient, update skipped "
+                        f"({consecutive_bad} in a row; at most {tc.max_consecutive_skips})"
+                    )
+
+            if log_now:
                 last_metrics = _mean_metrics(history)
                 history.clear()
                 elapsed = time.perf_counter() - timer_start
@@ -298,9 +454,9 @@ def train_and_evaluate(
                 writer.write_scalars(step, last_metrics)
                 bar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
                 if is_main:
-                    bar.write(format_metrics(step, last_metrics))
+                    bar.write(format_metrics(step, _console(last_metrics)))
 
-            if step % tc.checkpoint_every_steps == 0 or final:
+            if save_now:
                 unrep = jax_utils.unreplicate(p_state)
                 checkpointing.save_training_checkpoint(
                     manager,
@@ -312,7 +468,7 @@ def train_and_evaluate(
                 )
                 last_saved = step
 
-            if is_main and (step % tc.sample_every_steps == 0 or final):
+            if sample_now:
                 # Host copy: the sampler places it on its own devices.
                 ema = jax.device_get(jax_utils.unreplicate(p_state.ema_params))
                 path = _write_samples(sample_fn, ema, sample_key, step, workdir, writer)
@@ -321,14 +477,22 @@ def train_and_evaluate(
                 timer_start, timer_steps = time.perf_counter(), 0  # images/s: training only
 
             if stop:
+                # No samples on the way out: a preemption notice leaves seconds, not minutes.
                 stopped_early = True
+                manager.wait_until_finished()  # durable before we say so
+                manager.reload()  # what is on storage now, not what was requested
                 if is_main:
-                    bar.write(f"stopped by {guard.reason} at step {step}; checkpoint saved")
+                    bar.write(
+                        f"stopped by {guard.reason} after step {step}: checkpoint "
+                        f"{ckpt_dir / str(manager.latest_step())} is complete; run the same "
+                        "command to resume"
+                    )
+                    sys.stdout.flush()
                 break
         manager.wait_until_finished()
 
-    if is_main and last_saved:
-        print(f"checkpoint: {checkpointing.checkpoint_dir(workdir) / str(last_saved)}")
+    if is_main and last_saved and not stopped_early:
+        print(f"checkpoint: {ckpt_dir / str(last_saved)}")
     return TrainResult(
         state=jax.device_get(jax_utils.unreplicate(p_state)),
         metrics=last_metrics,

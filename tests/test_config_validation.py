@@ -239,3 +239,72 @@ def test_cli_output_has_no_traceback():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "training.batch_size = 7" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_override_problems_name_the_unknown_key_and_the_allowed_ones():
+    config = _valid_config()
+    argv = [
+        "train.py",
+        "--workdir=/tmp/x",
+        "--config.training.batch_size=16",  # fine
+        "--config.training.bogus=1",
+        "--config.modle.ch=64",
+        "--noconfig.data.random_flip",  # a boolean override: fine
+    ]
+    problems = config_validation.override_problems(config, argv)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("--config.training.bogus: config.training has no field 'bogus'")
+    assert "nan_policy" in problems[0] and "batch_size" in problems[0]
+    assert problems[1].startswith("--config.modle.ch: config has no field 'modle'; allowed: data")
+
+
+def test_exit_on_unknown_overrides_loads_the_config_file_of_argv(tmp_path):
+    from _train_helpers import REPO
+
+    stream = io.StringIO()
+    argv = ["train.py", f"--config={REPO / 'configs' / 'digits.py'}", "--config.training.bogus=1"]
+    with pytest.raises(SystemExit) as info:
+        config_validation.exit_on_unknown_overrides(argv, "unused.py", stream=stream)
+    assert info.value.code == 2
+    assert "--config.training.bogus: config.training has no field 'bogus'" in stream.getvalue()
+    # Known keys only: nothing happens.
+    config_validation.exit_on_unknown_overrides(argv[:2] + ["--config.model.ch=64"], "unused.py")
+
+
+def test_reportable_errors_exit_1_with_one_line():
+    class Diverged(config_validation.ReportableError):
+        pass
+
+    stream = io.StringIO()
+    with pytest.raises(SystemExit) as info:
+        with config_validation.exit_on_reportable_error(stream):
+            raise Diverged("non-finite loss at step 3; the last good checkpoint is /w/2")
+    assert info.value.code == 1
+    assert (
+        stream.getvalue() == "error: non-finite loss at step 3; the last good checkpoint is /w/2\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="train.py must call config_validation.exit_on_unknown_overrides(sys.argv, "
+    "_DEFAULT_CONFIG) before config_flags.DEFINE_config_file",
+)
+def test_unknown_override_through_train_py_is_one_line(tmp_path):
+    from _train_helpers import cli_args, cli_env
+
+    proc = subprocess.run(
+        [*cli_args(tmp_path / "run"), "--config.training.bogus=1"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if "bogus" in x]
+    assert lines == [
+        "  --config.training.bogus: config.training has no field 'bogus'; allowed: "
+        + ", ".join(sorted(_valid_config().training.keys()))
+    ]

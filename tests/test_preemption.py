@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
+from _train_helpers import REPO, cli_args, cli_env, run_cli
 
 from diffjax.preemption import StopGuard
 
@@ -103,3 +106,134 @@ def test_bad_arguments_and_threads():
     t.start()
     t.join()
     assert errors and "main thread" in str(errors[0])
+
+
+# --- train.py under signals (subprocesses) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Shared with tests/test_resume.py: the tiny config's step compiles once per session."""
+    return tmp_path_factory.getbasetemp() / "jax_cache"
+
+
+def start_training(workdir, cache_dir, **overrides):
+    """train.py on the tiny config for (practically) ever, logging every step."""
+    settings = {
+        "training.num_train_steps": "100000",
+        "training.log_every_steps": "1",
+        "training.checkpoint_every_steps": "100000",
+        "training.sample_every_steps": "100000",
+    }
+    settings.update(overrides)
+    return subprocess.Popen(
+        cli_args(workdir, **settings),
+        cwd=REPO,
+        env=cli_env(cache_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the progress bar; stdout has the log lines
+        text=True,
+    )
+
+
+def wait_for_line(proc, prefix: str, timeout_s: float = 240.0) -> list[str]:
+    """Read stdout until a line starts with ``prefix``; the lines read."""
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"train.py ended before {prefix!r}:\n{''.join(lines)}")
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no {prefix!r} within {timeout_s} s")
+
+
+def checkpoint_names(workdir) -> list[str]:
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_sigterm_to_train_py_checkpoints_exits_0_and_resumes(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    proc = start_training(workdir, cache_dir)
+    try:
+        wait_for_line(proc, "step 1:")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        exit_s = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    (line,) = [x for x in out.splitlines() if x.startswith("stopped by SIGTERM")]
+    step = int(line.split("after step ")[1].split(":")[0])
+    assert f"checkpoint {workdir / 'checkpoints' / str(step)} is complete" in line
+    assert checkpoint_names(workdir) == [str(step)]  # complete, no temporary left
+    assert {"params", "ema_params", "opt_state", "meta"} <= {
+        p.name for p in (workdir / "checkpoints" / str(step)).iterdir()
+    }
+    print(f"SIGTERM -> exit 0 in {exit_s:.2f} s (stopped after step {step})")
+
+    result = run_cli(workdir, cache_dir, **{"training.num_train_steps": str(step + 1)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {step}" in result.stdout
+    assert str(step + 1) in checkpoint_names(workdir)
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpointing_resumes_from_the_last_complete_one(tmp_path, cache_dir):
+    """SIGKILL while a checkpoint is written every step: nothing half-written is ever used."""
+    workdir = tmp_path / "run"
+    proc = start_training(workdir, cache_dir, **{"training.checkpoint_every_steps": "1"})
+    try:
+        wait_for_line(proc, "step 3:")
+        proc.kill()  # SIGKILL: no handler, no cleanup, most likely inside an async save
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    complete = [int(n) for n in checkpoint_names(workdir) if n.isdigit()]
+    assert complete, checkpoint_names(workdir)
+    latest = max(complete)
+    result = run_cli(workdir, cache_dir, **{"training.num_train_steps": str(latest + 1)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {latest}" in result.stdout
+    # Whatever the kill left half-written was removed; the new step was written completely.
+    assert all(n.isdigit() for n in checkpoint_names(workdir)), checkpoint_names(workdir)
+    assert str(latest + 1) in checkpoint_names(workdir)
+
+
+SINGLE_PROCESS_DISTRIBUTED = """
+import os, signal, socket, sys, time
+import jax
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=1, process_id=0)
+from diffjax.preemption import StopGuard, jax_preemption_service_active
+assert jax_preemption_service_active()
+with StopGuard() as guard:
+    assert not guard.should_stop(0)
+    os.kill(os.getpid(), signal.SIGTERM)  # caught by JAX's notifier, not by Python
+    for step in range(1, 2000):
+        time.sleep(0.005)
+        if guard.should_stop(step):
+            print("stopped", step, guard.reason)
+            break
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_loop_in_a_single_process_distributed_run():
+    # jax.distributed with one process: JAX's notifier owns SIGTERM, and should_stop must
+    # consult it even though there is no other process to agree with.
+    proc = subprocess.run(
+        [sys.executable, "-c", SINGLE_PROCESS_DISTRIBUTED],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped" in proc.stdout and "preemption notice (SIGTERM)" in proc.stdout
