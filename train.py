@@ -16,10 +16,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffjax import training
-from diffjax.config_validation import exit_on_config_error
+from diffjax.config_validation import exit_on_config_error, exit_on_unknown_overrides
 from diffjax.input_pipeline import DatasetNotPreparedError
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "digits.py"
+# A locked config rejects unknown override keys with a traceback from inside flag parsing: name
+# them in one line first.
+exit_on_unknown_overrides(sys.argv, str(_DEFAULT_CONFIG))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",

@@ -286,11 +286,6 @@ def test_reportable_errors_exit_1_with_one_line():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.py must call config_validation.exit_on_unknown_overrides(sys.argv, "
-    "_DEFAULT_CONFIG) before config_flags.DEFINE_config_file",
-)
 def test_unknown_override_through_train_py_is_one_line(tmp_path):
     from _train_helpers import cli_args, cli_env
 
