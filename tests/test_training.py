@@ -3,70 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _train_helpers import run_cli, tiny_config
 from PIL import Image
 
 from diffjax import checkpointing, training
 
-REPO = Path(__file__).resolve().parent.parent
-
-# A tiny run: one U-Net level, T = 20, global batch 8 over the 2 fake devices, 2-step DDIM.
-TINY_OVERRIDES = {
-    "model.ch_mult": "(1,)",
-    "model.attn_resolutions": "()",
-    "diffusion.num_timesteps": "20",
-    "training.batch_size": "8",
-    "training.num_train_steps": "4",
-    "training.checkpoint_every_steps": "2",
-    "training.sample_every_steps": "4",
-    "training.log_every_steps": "2",
-    "training.keep_checkpoints": "2",
-    "optimizer.warmup_steps": "2",
-    "sampling.num_samples": "4",
-    "sampling.num_steps": "2",
-}
-
-
-def run_cli(workdir: Path, **overrides: str) -> subprocess.CompletedProcess:
-    flags = [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, **overrides}.items()]
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # same compiler settings as this test process
-    )
-    env.pop("DIFFJAX_DISTRIBUTED", None)
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", *flags],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def tiny_config(num_train_steps: int):
-    """The config the CLI builds from configs/digits.py and TINY_OVERRIDES."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digits_config", REPO / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in TINY_OVERRIDES.items():
-        section, field = key.split(".")
-        config[section][field] = eval(value)  # literals only: "(1,)", "20", ...
-    config.training.num_train_steps = num_train_steps
-    return config
+# run_cli and tiny_config: one U-Net level, T = 20, global batch 8 over 2 fake devices.
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +69,7 @@ def test_resume_continues_exactly_where_the_run_stopped(cli_run, tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(workdir / "checkpoints" / "2", resumed / "checkpoints" / "2")
-    result = training.train_and_evaluate(tiny_config(num_train_steps=4), resumed)
+    result = training.train_and_evaluate(tiny_config(**{"training.num_train_steps": 4}), resumed)
     assert int(result.state.step) == 4
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["2", "4"]
     straight = read_checkpoint(workdir, 4)
