@@ -155,7 +155,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(baseline, tmp_path
     for f in (workdir / "checkpoints" / "4" / "params").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\0garbage" * 3)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="absl"):  # whatever verbosity an earlier test left
         resumed = training.train_and_evaluate(tiny_config(), workdir)
     assert "resuming from the checkpoint at step 2" in capsys.readouterr().out
     warning = "\n".join(r.getMessage() for r in caplog.records)
@@ -255,7 +255,7 @@ def test_config_changes_are_listed_on_resume(baseline, tmp_path, caplog):
     source, _, _ = baseline
     workdir = copy_checkpoints(source, tmp_path / "run", [4])
     config = tiny_config(**{"optimizer.learning_rate": 5e-4})
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="absl"):  # whatever verbosity an earlier test left
         training.train_and_evaluate(config, workdir)  # nothing to train: already at step 4
     warning = "\n".join(r.getMessage() for r in caplog.records)
     assert "optimizer.learning_rate: 0.001 -> 0.0005" in warning
