@@ -81,7 +81,7 @@ def resolve_sampling_options(
 @functools.partial(
     jax.jit, static_argnames=("model", "shape", "sampler", "guidance_scale", "options", "devices")
 )
-def _sample_jit(
+def sample_with_params(
     params: Any,
     schedule: Schedule,
     rng: jax.Array,
@@ -94,7 +94,12 @@ def _sample_jit(
     options: tuple[tuple[str, Any], ...],
     devices: tuple[jax.Device, ...],
 ) -> Any:
-    # The parameters are an argument (not a constant of the program): one compile per options.
+    """Samples [num, H, W, C] of ``model`` at ``params``, split over ``devices``; one jitted call.
+
+    ``options`` are the sampler's keyword arguments as sorted (name, value) pairs (static, so
+    hashable). The parameters are an argument, not a constant of the program: one compile per
+    set of options, shared by training's periodic samples and ``Run.sample``.
+    """
     model_fn = sampling.make_model_fn(model, params, guidance_scale=guidance_scale)
     return sampling.sample_pmapped(
         model_fn,
@@ -178,7 +183,7 @@ class Run:
             local = jax.local_devices()
             devices = local if num % len(local) == 0 else local[:1]
         devices = tuple(devices)
-        return _sample_jit(
+        return sample_with_params(
             self.params,
             self.schedule,
             rng,

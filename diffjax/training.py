@@ -54,12 +54,12 @@ from etils import epath
 from flax import jax_utils
 from tqdm import tqdm
 
-from diffjax import checkpointing, images, input_pipeline, sampling
+from diffjax import checkpointing, images, input_pipeline
 from diffjax.config_validation import ReportableError, validate_config
 from diffjax.metrics_writer import MetricWriter, format_metrics
 from diffjax.models import create_model
 from diffjax.preemption import StopGuard
-from diffjax.run import resolve_sampling_options
+from diffjax.run import resolve_sampling_options, sample_with_params
 from diffjax.schedules import Schedule, make_schedule
 from diffjax.train_state import TrainState, create_train_state
 from diffjax.train_step import AXIS_NAME, make_p_train_step, per_device_batch_size
@@ -174,18 +174,18 @@ def make_sample_fn(
     devices = jax.local_devices()
     devices = devices if n % len(devices) == 0 else devices[:1]
 
-    @jax.jit
     def sample_fn(params: Any, rng: jax.Array) -> jax.Array:
-        model_fn = sampling.make_model_fn(model, params, guidance_scale=guidance)
-        return sampling.sample_pmapped(
-            model_fn,
+        return sample_with_params(
+            params,
             schedule,
             rng,
-            shape,
+            labels,
+            model=model,
+            shape=shape,
             sampler=sampler,
-            devices=devices,
-            model_kwargs={} if labels is None else {"y": labels},
-            **options,
+            guidance_scale=guidance,
+            options=tuple(sorted(options.items())),
+            devices=tuple(devices),
         )
 
     return sample_fn
