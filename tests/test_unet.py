@@ -171,6 +171,43 @@ def test_custom_vjp_products_match_autodiff_of_reference_ops():
         assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
 
 
+def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
+    kx, kw, kg = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(kx, (6, 32, 32, 3))  # 6 x 1024 pixels: 3 chunks of 2 images
+    w = jax.random.normal(kw, (3, 3, 3, 5))
+    assert L.kernel_grad_chunks(6, 32 * 32) == 3
+    dn = ("NHWC", "HWIO", "NHWC")
+    for s in (1, 2):
+        g = jax.random.normal(kg, (6, 32 // s, 32 // s, 5))
+        out, vjp = jax.vjp(lambda a, b, s=s: L.conv3x3_xla(a, b, s, jnp.float32), x, w)
+        ref = lambda a, b, s=s: jax.lax.conv_general_dilated(
+            a, b, (s, s), "SAME", dimension_numbers=dn
+        )
+        ref_out, ref_vjp = jax.vjp(ref, x, w)
+        np.testing.assert_allclose(out, ref_out, atol=1e-4, rtol=1e-4)
+        # The kernel gradient sums 6 * 1024 / s^2 O(1) products (|sum| ~ 80): float32 summation
+        # in another order differs by ~1e-5 relative; 1e-4 relative + 1e-3 absolute is ample,
+        # and a dropped or doubled chunk changes it by O(1).
+        for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+    # bfloat16 compute: the input gradient comes back in the input dtype, the kernel gradient
+    # in float32 (the parameter's dtype).
+    dx, dk = jax.vjp(lambda a, b: L.conv3x3_xla(a, b, 1, jnp.bfloat16), x.astype(jnp.bfloat16), w)[
+        1
+    ](jax.random.normal(kg, (6, 32, 32, 5)))
+    assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+
+
+def test_kernel_grad_chunks_divide_the_batch_into_large_enough_pieces():
+    for batch in (1, 2, 7, 16, 32, 64, 96, 512):
+        for pixels in (16, 64, 256, 1024, 4096):
+            n = L.kernel_grad_chunks(batch, pixels)
+            assert 1 <= n <= L.KERNEL_GRAD_MAX_CHUNKS and batch % n == 0
+            if n > 1:  # never split below the cache-friendly size
+                assert (batch // n) * pixels >= L.KERNEL_GRAD_CHUNK_PIXELS
+    assert L.kernel_grad_chunks(32, 1024) == 16  # the measured case: 2-image chunks
+
+
 def test_attention_block_matches_float64_reference():
     block = AttnBlock()
     x = jax.random.normal(jax.random.key(3), (2, 4, 4, 32))

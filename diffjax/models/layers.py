@@ -5,7 +5,8 @@ in the compute dtype and accumulates in float32 (``preferred_element_type``), fo
 backward: JAX's default transpose rules would run the backward products of a bfloat16 product on
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
-would.
+would. XLA's convolutions (``conv3x3_xla``) also carry a custom VJP, which sums the kernel
+gradient over cache-sized batch chunks.
 
 Modules mirror flax.linen.Dense / Conv / GroupNorm parameter names and shapes ("kernel", "bias",
 "scale"), so parameter trees are interchangeable with the flax layers.
@@ -149,6 +150,56 @@ def _conv_bwd(dtype, res, g):
 
 conv3x3_dots.defvjp(_conv_fwd, _conv_bwd)
 
+# XLA:CPU's kernel-gradient convolution slows down per FLOP once the activations it contracts
+# outgrow the caches: measured on [32, 32, 32, 128] -> 128, one call takes 112 ms, sixteen
+# calls on 2-image chunks 64 ms in all (bench/README.md). Chunks hold at least this many pixels.
+KERNEL_GRAD_CHUNK_PIXELS = 2048
+KERNEL_GRAD_MAX_CHUNKS = 32
+
+
+def kernel_grad_chunks(batch: int, pixels: int) -> int:
+    """How many equal batch chunks the kernel gradient is summed over (a divisor of batch)."""
+    n = min(KERNEL_GRAD_MAX_CHUNKS, max(1, batch * pixels // KERNEL_GRAD_CHUNK_PIXELS))
+    while batch % n:
+        n -= 1
+    return n
+
+
+def _xla_conv(x: jax.Array, k: jax.Array, strides: int) -> jax.Array:
+    dn = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(
+        x, k, (strides, strides), "SAME", dimension_numbers=dn, preferred_element_type=F32
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3x3_xla(x: jax.Array, kernel: jax.Array, strides: int, dtype: Any) -> jax.Array:
+    """XLA's 3x3 SAME convolution (float32 [B, H', W', O]) whose kernel gradient is summed over
+    batch chunks of ``kernel_grad_chunks`` images; otherwise exactly autodiff's gradients."""
+    return _xla_conv(x, kernel.astype(dtype), strides)
+
+
+def _xla_conv_fwd(x, kernel, strides, dtype):
+    return conv3x3_xla(x, kernel, strides, dtype), (x, kernel)
+
+
+def _xla_conv_bwd(strides, dtype, res, g):
+    x, kernel = res
+    k = kernel.astype(dtype)
+    (dx,) = jax.vjp(lambda a: _xla_conv(a, k, strides), x)[1](g)
+    b = x.shape[0]
+    n = kernel_grad_chunks(b, x.shape[1] * x.shape[2])
+    c = b // n
+    dk = None
+    for i in range(n):
+        xi, gi = x[i * c : (i + 1) * c], g[i * c : (i + 1) * c]
+        (part,) = jax.vjp(lambda kk, xi=xi: _xla_conv(xi, kk.astype(dtype), strides), kernel)[1](gi)
+        dk = part if dk is None else dk + part
+    return dx, dk
+
+
+conv3x3_xla.defvjp(_xla_conv_fwd, _xla_conv_bwd)
+
 
 class Dense(nn.Module):
     """y = x W + b over the last axis (a 1x1 convolution on images); float32 parameters."""
@@ -188,14 +239,7 @@ class Conv3x3(nn.Module):
         if use_dots:
             y = conv3x3_dots(x, kernel, self.dtype)  # float32
         else:
-            y = jax.lax.conv_general_dilated(
-                x,
-                kernel.astype(self.dtype),
-                (self.strides, self.strides),
-                "SAME",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                preferred_element_type=F32,
-            )
+            y = conv3x3_xla(x, kernel, self.strides, self.dtype)  # float32
         return (y + bias).astype(self.dtype)
 
 
