@@ -86,6 +86,14 @@ def median_seconds(fn: Callable[[], object], warmup: int, runs: int) -> tuple[fl
     return statistics.median(times), times
 
 
+def matmul_gflops(n: int = 2048, runs: int = 9) -> float:
+    """The machine's measured float32 matmul rate: jnp.dot of two n x n matrices, median."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    dot = jax.jit(jnp.dot)
+    med, _ = median_seconds(lambda: dot(a, a).block_until_ready(), warmup=2, runs=runs)
+    return 2.0 * n**3 / med / 1e9
+
+
 def flops_of(compiled) -> float:
     """FLOPs of one call of a compiled program, from XLA's cost analysis (0 if unavailable)."""
     cost = compiled.cost_analysis()

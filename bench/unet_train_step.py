@@ -2,7 +2,8 @@
 
 For each workload, batch size and compute dtype: median step time over --runs timed steps after
 --warmup steps, images/s, achieved GFLOP/s from XLA's cost analysis of the compiled step, the
-percentage of the nominal float32 peak, compile time, and the process's peak RSS.
+percentage of the nominal float32 peak and of the measured float32 matmul rate, compile time,
+and the process's peak RSS (a high-water mark: each row shows the largest RSS so far).
 
     python bench/unet_train_step.py --workloads digits,small32,cifar10 \
         --batches 64:128,64,16:32 --dtypes float32,bfloat16 --runs 5
@@ -27,6 +28,7 @@ from common import (  # noqa: E402
     make_inputs,
     make_model,
     make_train_step,
+    matmul_gflops,
     median_seconds,
     peak_rss_mib,
 )
@@ -86,10 +88,15 @@ def main() -> None:
             raise SystemExit(f"unknown workload {n!r}; allowed: {', '.join(WORKLOADS)}")
 
     print(environment())
-    print(f"nominal fp32 peak used for %: {FP32_PEAK_GFLOPS:.0f} GFLOP/s")
+    mm = matmul_gflops()
+    print(
+        f"nominal fp32 peak {FP32_PEAK_GFLOPS:.0f} GFLOP/s (%pk); measured float32 matmul rate "
+        f"{mm:.0f} GFLOP/s (%mm: jnp.dot of two 2048x2048 matrices, median of 9)"
+    )
     header = (
         f"{'workload':9s} {'batch':>5s} {'dtype':9s} {'median s':>9s} {'img/s':>8s} "
-        f"{'GFLOP/step':>10s} {'GFLOP/s':>8s} {'%fp32pk':>7s} {'compile s':>9s} {'RSS MiB':>8s}"
+        f"{'GFLOP/step':>10s} {'GFLOP/s':>8s} {'%pk':>5s} {'%mm':>5s} {'compile s':>9s} "
+        f"{'RSS MiB':>8s}"
     )
     print(header)
     for name, bs in zip(names, batches, strict=True):
@@ -99,7 +106,8 @@ def main() -> None:
                 print(
                     f"{r['workload']:9s} {r['batch']:5d} {r['dtype']:9s} {r['median_s']:9.3f} "
                     f"{r['img_s']:8.1f} {r['gflop_step']:10.1f} {r['gflops']:8.1f} "
-                    f"{100 * r['gflops'] / FP32_PEAK_GFLOPS:7.1f} {r['compile_s']:9.1f} "
+                    f"{100 * r['gflops'] / FP32_PEAK_GFLOPS:5.0f} {100 * r['gflops'] / mm:5.0f} "
+                    f"{r['compile_s']:9.1f} "
                     f"{r['rss']:8.0f}   runs {[round(v, 3) for v in r['times']]}",
                     flush=True,
                 )

@@ -1,0 +1,139 @@
+"""Every convolution of a workload's U-Net, XLA:CPU vs torch (oneDNN), forward and backward.
+
+The convolutions are read from the model's jaxpr (shape, stride, how often each occurs), then
+each distinct one is timed alone: diffjax's float32 convolution (``layers.conv3x3_xla``: XLA's
+``conv_general_dilated``, NHWC, with the kernel gradient summed over batch chunks) forward and
+its VJP (input + kernel gradient), torch's ``nn.Conv2d`` (NCHW, float32) forward and forward +
+backward, same threads. The weighted sum over the network says how much of a train step's gap
+to torch the convolution kernels explain.
+
+    python bench/conv_layers.py --workload small32 --batch 64
+    python bench/conv_layers.py --workload cifar10 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see vs_torch.py
+
+import jax  # noqa: E402
+import jax.extend  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from common import WORKLOADS, environment, make_model  # noqa: E402
+
+from diffjax.models import init_params  # noqa: E402
+from diffjax.models.layers import conv3x3_xla  # noqa: E402
+
+
+def conv_shapes(name: str, batch: int) -> collections.Counter:
+    """(input [B, H, W, C], kernel [kh, kw, C, O], stride) -> occurrences in one forward pass."""
+    model, size, channels = make_model(name)
+    params = init_params(model, jax.random.key(0), size, channels)
+    x = jnp.zeros((batch, size, size, channels))
+    t = jnp.zeros((batch,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
+    found = collections.Counter()
+
+    def visit(jpr):
+        for eqn in jpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+                found[(tuple(lhs), tuple(rhs), tuple(eqn.params["window_strides"]))] += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+def median(fn, runs: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, ...]:
+    """FLOPs, then seconds of: XLA forward, XLA VJP, torch forward, torch forward + backward."""
+    import torch
+
+    b, h, w, c = xs
+    kh, kw, _, o = ks
+    sh, sw = strides
+    oh, ow = -(-h // sh), -(-w // sw)
+    flops = 2.0 * b * oh * ow * kh * kw * c * o
+
+    def conv(x, k):
+        return conv3x3_xla(x, k, sh, jnp.float32)
+
+    x = jax.random.normal(jax.random.key(0), xs)
+    k = jax.random.normal(jax.random.key(1), ks) * 0.05
+    g = jax.random.normal(jax.random.key(2), (b, oh, ow, o))
+    fwd = jax.jit(conv)
+    bwd = jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g))
+    jf = median(lambda: fwd(x, k).block_until_ready(), runs)
+    jb = median(lambda: jax.block_until_ready(bwd(x, k, g)), runs)
+
+    # torch: NCHW; SAME padding, stride 2 pads (0, 1) as TF / the DDPM model.
+    tconv = torch.nn.Conv2d(c, o, (kh, kw), stride=strides, padding=0)
+    pad = (kw // 2, kw // 2, kh // 2, kh // 2) if sh == 1 else (0, 1, 0, 1)
+    tx = torch.randn(b, c, h, w, requires_grad=True)
+    tg = torch.randn(b, o, oh, ow)
+
+    def tfwd():
+        with torch.no_grad():
+            tconv(torch.nn.functional.pad(tx, pad))
+
+    def tfb():
+        tconv(torch.nn.functional.pad(tx, pad)).backward(tg)
+
+    return flops, jf, jb, median(tfwd, runs), median(tfb, runs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="small32")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(environment())
+    tot = collections.Counter()
+    print(
+        f"{'input BxHxWxC':>18s} {'kernel':>12s} {'s':>1s} {'n':>2s} {'GFLOP':>6s} | "
+        f"{'XLA fwd':>7s} {'torch fwd':>9s} | {'XLA f+b':>7s} {'torch f+b':>9s}   (GFLOP/s)"
+    )
+    for (xs, ks, strides), n in sorted(conv_shapes(args.workload, args.batch).items()):
+        flops, jf, jb, tf, tfb_s = time_conv(xs, ks, strides, args.runs)
+        sh = strides[0]
+        tot["xla"] += n * (jf + jb)
+        tot["torch"] += n * tfb_s
+        print(
+            f"{'x'.join(map(str, xs)):>18s} {'x'.join(map(str, ks)):>12s} {sh:1d} {n:2d} "
+            f"{flops / 1e9:6.2f} | {flops / jf / 1e9:7.0f} {flops / tf / 1e9:9.0f} | "
+            f"{3 * flops / (jf + jb) / 1e9:7.0f} {3 * flops / tfb_s / 1e9:9.0f}",
+            flush=True,
+        )
+    print(
+        f"all convolutions of one train step (forward + backward): XLA {tot['xla']:.3f} s, "
+        f"torch {tot['torch']:.3f} s, torch/XLA {tot['torch'] / tot['xla']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
