@@ -172,7 +172,7 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("training.max_consecutive_skips", *_int_at_least(1)),
         ("optimizer.learning_rate", *_positive_real()),
         ("optimizer.warmup_steps", *_int_at_least(0)),
-        ("optimizer.grad_clip", *_positive_real()),
+        ("optimizer.grad_clip", *_non_negative_real()),  # 0 = no clipping
         ("optimizer.beta1", *_real_in(0, 1, lo_open=False, hi_open=True)),
         ("optimizer.beta2", *_real_in(0, 1, lo_open=False, hi_open=True)),
         ("optimizer.eps", *_positive_real()),

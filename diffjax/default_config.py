@@ -12,7 +12,8 @@ what differs, so the schema is written once. Sections and keys:
 - ``training``: num_train_steps, batch_size (global), seed, checkpoint_every_steps,
   sample_every_steps, log_every_steps, keep_checkpoints, ema_decay, class_dropout, nan_policy,
   max_consecutive_skips.
-- ``optimizer``: learning_rate, warmup_steps, grad_clip, beta1, beta2, eps.
+- ``optimizer``: learning_rate, warmup_steps, grad_clip (global norm; 0 = no clipping), beta1,
+  beta2, eps.
 - ``sampling``: num_samples, sampler ("ddpm" | "ddim"), num_steps (0 = all T), eta,
   clip_denoised, guidance_scale.
 """

@@ -50,7 +50,7 @@ def create_learning_rate_fn(opt: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def create_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping (skipped when ``grad_clip <= 0``) followed by warmed-up Adam."""
+    """Global-norm clipping (none when ``grad_clip == 0``) followed by warmed-up Adam."""
     clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
     adam = optax.adam(
         learning_rate=create_learning_rate_fn(opt), b1=opt.beta1, b2=opt.beta2, eps=opt.eps

@@ -169,6 +169,27 @@ def test_gradient_clipping_applies_before_adam():
     np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, atol=1e-12)
 
 
+def test_grad_clip_zero_means_no_clipping():
+    from diffjax.train_state import create_optimizer
+
+    config = tiny_config()
+    params = {"w": np.zeros(4, np.float32)}
+    # Global norms 5 and 50 on a shared coordinate: clipping both to 0.5 changes the ratio
+    # Adam sees there, so its second update differs from unclipped Adam.
+    grads = [{"w": np.array(g, np.float32)} for g in ([3.0, 4.0, 0.0, 0.0], [0.0, 40.0, 30.0, 0.0])]
+    opt = config.optimizer
+    reference = optax.adam(create_learning_rate_fn(opt), b1=opt.beta1, b2=opt.beta2, eps=opt.eps)
+    for grad_clip, same in ((0.0, True), (0.5, False)):
+        config.optimizer.grad_clip = grad_clip
+        tx = create_optimizer(config.optimizer)
+        state, ref_state = tx.init(params), reference.init(params)
+        for g in grads:
+            updates, state = tx.update(g, state, params)
+            ref_updates, ref_state = reference.update(g, ref_state, params)
+        close = np.allclose(updates["w"], ref_updates["w"], rtol=1e-6, atol=1e-12)
+        assert close == same, (grad_clip, updates["w"], ref_updates["w"])
+
+
 def trained_embedding_rows(state) -> set[int]:
     """Class-embedding rows that received a nonzero gradient: Adam's first moment is not zero.
 
