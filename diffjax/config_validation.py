@@ -224,6 +224,17 @@ def _check_betas(config: Any, ctx: dict[str, int]) -> Iterator[str]:
         )
 
 
+def _check_variance_loss(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    var_type = _valid(config, "diffusion.var_type", _one_of(diffusion.VAR_TYPES)[0])
+    loss_type = _valid(config, "diffusion.loss_type", _one_of(losses.LOSS_TYPES)[0])
+    if var_type == "learned_range" and loss_type == "simple":
+        # L_simple has no gradient for the variance channels: they would stay at their init.
+        yield (
+            "diffusion.loss_type = 'simple' with diffusion.var_type = 'learned_range': L_simple "
+            "trains no variance; use loss_type 'hybrid' (Nichol & Dhariwal 2021 eq. 16) or 'kl'"
+        )
+
+
 def _check_batch(config: Any, ctx: dict[str, int]) -> Iterator[str]:
     batch = _valid(config, "training.batch_size", _int_at_least(1)[0])
     shards = ctx["num_devices"] * ctx["num_processes"]
@@ -320,6 +331,7 @@ def _check_dataset(config: Any, ctx: dict[str, int]) -> Iterator[str]:
 _CROSS_RULES: tuple[Callable[[Any, dict[str, int]], Iterator[str]], ...] = (
     _check_dataset,
     _check_betas,
+    _check_variance_loss,
     _check_batch,
     _check_unet_geometry,
     _check_sampling_steps,

@@ -164,6 +164,21 @@ def test_conditional_model_needs_matching_labels():
     assert _problems(config) == []
 
 
+def test_learned_variance_needs_a_loss_that_trains_it():
+    config = _set(
+        _set(_valid_config(), "diffusion.var_type", "learned_range"),
+        "diffusion.loss_type",
+        "simple",
+    )
+    (line,) = _problems(config)
+    assert "'simple'" in line and "'learned_range'" in line and "'hybrid'" in line
+    for loss_type in ("hybrid", "kl"):
+        config.diffusion.loss_type = loss_type
+        assert _problems(config) == []
+    config.diffusion.var_type, config.diffusion.loss_type = "fixed_large", "simple"
+    assert _problems(config) == []
+
+
 def test_bad_betas_from_schedule_are_reported(monkeypatch):
     # The shipped schedules are capped to (0, 0.999], so inject one that is not: the rule must
     # check the values get_betas returns at this T, not trust the schedule's name.
