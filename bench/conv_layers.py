@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see vs_torch.py
@@ -26,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see vs_torch.py
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import WORKLOADS, environment, make_model  # noqa: E402
+from common import WORKLOADS, environment, make_model, median_seconds  # noqa: E402
 
 from diffjax.models import init_params  # noqa: E402
 from diffjax.models.layers import conv3x3_xla  # noqa: E402
@@ -54,14 +52,7 @@ def conv_shapes(name: str, batch: int) -> collections.Counter:
 
 
 def median(fn, runs: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, warmup=2, runs=runs)[0]
 
 
 def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, ...]:
