@@ -27,6 +27,7 @@ WORKLOADS = {
             attn_resolutions=(4,),
             dropout=0.0,
             out_channels=1,
+            num_groups=8,
         ),
         8,
         1,

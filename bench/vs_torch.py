@@ -59,7 +59,7 @@ def torch_model(name: str):
         layers_per_block=fields.get("num_res_blocks", 2),
         attention_head_dim=None,  # one head, as the DDPM model
         norm_eps=1e-6,
-        norm_num_groups=32,
+        norm_num_groups=fields.get("num_groups", 32),
         dropout=fields.get("dropout", 0.1),
         flip_sin_to_cos=False,
         freq_shift=1,

@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 _MISSING = object()
-GROUPNORM_GROUPS = 32  # diffjax.models.unet.NUM_GROUPS; repeated to keep this import light.
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
 SAMPLERS = ("ddpm", "ddim")
@@ -147,6 +146,7 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("data.num_classes", *_int_at_least(0)),
         ("data.random_flip", *_boolean()),
         ("model.ch", *_int_at_least(1)),
+        ("model.num_groups", *_int_at_least(1)),
         ("model.ch_mult", *_int_tuple(non_empty=True)),
         ("model.num_res_blocks", *_int_at_least(1)),
         ("model.attn_resolutions", *_int_tuple(non_empty=False)),
@@ -267,13 +267,14 @@ def _check_unet_geometry(config: Any, ctx: dict[str, int]) -> Iterator[str]:
                     f"model.attn_resolutions = {tuple(attn)}: {missing} never occur; allowed: "
                     f"resolutions of the U-Net levels {occurring} (image_size {size})"
                 )
-    if ch is not _MISSING and ch_mult is not _MISSING:
-        bad = [c for c in (ch, *(ch * m for m in ch_mult)) if c % GROUPNORM_GROUPS]
+    groups = _valid(config, "model.num_groups", _int_at_least(1)[0])
+    if ch is not _MISSING and ch_mult is not _MISSING and groups is not _MISSING:
+        bad = [c for c in (ch, *(ch * m for m in ch_mult)) if c % groups]
         if bad:
             yield (
                 f"model.ch = {ch} with model.ch_mult = {tuple(ch_mult)}: channel counts "
-                f"{sorted(set(bad))} are not divisible by the {GROUPNORM_GROUPS} GroupNorm "
-                f"groups; ch and every ch * mult must be multiples of {GROUPNORM_GROUPS}"
+                f"{sorted(set(bad))} are not divisible by the {groups} GroupNorm groups "
+                f"(model.num_groups); ch and every ch * mult must be multiples of {groups}"
             )
 
 

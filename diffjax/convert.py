@@ -96,8 +96,6 @@ _REQUIRED: dict[str, tuple[Any, ...]] = {
     "time_embedding_type": ("positional",),
     "flip_sin_to_cos": (False,),  # [sin, cos] order
     "freq_shift": (1,),  # frequencies exp(-j log(10000) / (half - 1))
-    "norm_num_groups": (32,),
-    "attn_norm_num_groups": (None, 32),
     "norm_eps": (1e-6,),  # tf.contrib group_norm's epsilon
     "act_fn": ("silu", "swish"),
     "center_input_sample": (False,),
@@ -332,6 +330,13 @@ def model_config_from_unet(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"None or the channel count (single-head attention); level {level} has {c} "
                 f"channels, i.e. {c // head_dim} heads",
             )
+    groups = _unet_value(cfg, "norm_num_groups")
+    if not isinstance(groups, int) or groups < 1 or any(c % groups for c in channels):
+        raise _unsupported(
+            "norm_num_groups", groups, f"a positive divisor of every block_out_channels {channels}"
+        )
+    if _unet_value(cfg, "attn_norm_num_groups") not in (None, groups):
+        raise _unsupported("attn_norm_num_groups", cfg["attn_norm_num_groups"], f"None or {groups}")
     size = _unet_value(cfg, "sample_size")
     sizes = size if isinstance(size, list | tuple) else [size, size]
     if not isinstance(sizes[0], int) or sizes[0] != sizes[1]:
@@ -349,6 +354,7 @@ def model_config_from_unet(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "resamp_with_conv": True,
             "dtype": "float32",
             "num_classes": 0,
+            "num_groups": groups,
         },
     }
 

@@ -7,7 +7,7 @@ what differs, so the schema is written once. Sections and keys:
   channels, random_flip, train_split, eval_split, num_classes (0 = ignore labels).
 - ``model``: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv, dtype
   ("float32" | "bfloat16": compute only, parameters stay float32), num_classes (0 =
-  unconditional).
+  unconditional), num_groups (GroupNorm groups; ch and every ch * mult must be multiples).
 - ``diffusion``: schedule, num_timesteps, mean_type, var_type, loss_type.
 - ``training``: num_train_steps, batch_size (global), seed, checkpoint_every_steps,
   sample_every_steps, log_every_steps, keep_checkpoints, ema_decay, class_dropout, nan_policy,
@@ -47,6 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     model.resamp_with_conv = True
     model.dtype = "float32"
     model.num_classes = 0
+    model.num_groups = 32
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"

@@ -37,6 +37,7 @@ def _valid_config() -> ml_collections.ConfigDict:
         resamp_with_conv=True,
         dtype="float32",
         num_classes=0,
+        num_groups=32,
     )
     c.diffusion = dict(
         schedule="linear",
@@ -109,6 +110,7 @@ SINGLE_PROBLEMS = [
     ("model.attn_resolutions", (32, 8), ["never occur", "[32]", "[16, 8, 4]"]),
     ("model.ch", 48, ["GroupNorm", "[48]"]),
     ("model.ch", 16, ["GroupNorm", "[16]"]),
+    ("model.num_groups", 0, ["integer >= 1"]),
     ("model.ch_mult", (), ["non-empty"]),
     ("model.dtype", "float16", ["float32", "bfloat16"]),
     ("model.dropout", 1.0, ["[0, 1)"]),

@@ -39,6 +39,7 @@ SCHEMA = {
         "resamp_with_conv",
         "dtype",
         "num_classes",
+        "num_groups",
     },
     "diffusion": {"schedule", "num_timesteps", "mean_type", "var_type", "loss_type"},
     "training": {

@@ -283,12 +283,19 @@ def test_bad_tensors_are_named(edit, message):
         convert.convert_unet_params(tensors, _tiny_config())
 
 
+def test_norm_num_groups_becomes_model_num_groups():
+    assert convert.model_config_from_unet(CIFAR10_UNET)["model"]["num_groups"] == 32
+    cfg = {**CIFAR10_UNET, "norm_num_groups": 16, "attn_norm_num_groups": 16}
+    assert convert.model_config_from_unet(cfg)["model"]["num_groups"] == 16
+
+
 @pytest.mark.parametrize(
     "key, value",
     [
         ("flip_sin_to_cos", True),
         ("freq_shift", 0),
-        ("norm_num_groups", 16),
+        ("norm_num_groups", 48),  # does not divide 128
+        ("attn_norm_num_groups", 16),
         ("norm_eps", 1e-5),
         ("attention_head_dim", 8),
         ("time_embedding_type", "fourier"),

@@ -10,7 +10,7 @@ import pytest
 
 from diffjax.models import create_model, init_params
 from diffjax.models import layers as L
-from diffjax.models.unet import AttnBlock, UNet, timestep_embedding
+from diffjax.models.unet import AttnBlock, ResnetBlock, UNet, timestep_embedding
 
 # Smallest model that still has two levels, a downsample/upsample pair and attention at 4x4.
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
@@ -206,6 +206,21 @@ def test_kernel_grad_chunks_divide_the_batch_into_large_enough_pieces():
             if n > 1:  # never split below the cache-friendly size
                 assert (batch // n) * pixels >= L.KERNEL_GRAD_CHUNK_PIXELS
     assert L.kernel_grad_chunks(32, 1024) == 16  # the measured case: 2-image chunks
+
+
+def test_group_count_decides_whether_a_resblock_sees_the_timestep():
+    # The timestep embedding is added per channel before norm2; with one channel per group
+    # (32 groups on 32 channels) GroupNorm subtracts it again, exactly.
+    x = jax.random.normal(jax.random.key(6), (2, 4, 4, 32))
+    t1, t2 = (jax.random.normal(jax.random.key(k), (2, 128)) for k in (7, 8))
+    for groups, sees_t in ((32, False), (8, True)):
+        block = ResnetBlock(32, 0.0, num_groups=groups)
+        params = _randomize(block.init(jax.random.key(0), x, t1, train=False), std=0.3)
+        a, b = (np.asarray(block.apply(params, x, t, train=False)) for t in (t1, t2))
+        # Float32 rounding of O(1) values: <= 1e-5 when equal; an embedding that reaches the
+        # output changes it by O(0.1) with these weights.
+        diff = float(np.max(np.abs(a - b)))
+        assert (diff > 1e-2) if sees_t else (diff < 1e-5), (groups, diff)
 
 
 def test_attention_block_matches_float64_reference():

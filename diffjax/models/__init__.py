@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.diffusion import model_output_channels
-from diffjax.models.unet import UNet, timestep_embedding
+from diffjax.models.unet import NUM_GROUPS, UNet, timestep_embedding
 
 __all__ = ["UNet", "create_model", "init_params", "timestep_embedding"]
 
@@ -31,6 +31,8 @@ def create_model(config: Any) -> UNet:
         out_channels=model_output_channels(config.data.channels, config.diffusion.var_type),
         num_classes=m.num_classes or None,
         dtype=_DTYPES[m.dtype],
+        # Run directories written before the field existed used the paper's 32.
+        num_groups=m.get("num_groups", NUM_GROUPS),
     )
 
 

@@ -93,8 +93,8 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def _norm(dtype: Any, name: str) -> L.GroupNorm:
-    return L.GroupNorm(NUM_GROUPS, dtype, NORM_EPS, name=name)
+def _norm(dtype: Any, name: str, groups: int = NUM_GROUPS) -> L.GroupNorm:
+    return L.GroupNorm(groups, dtype, NORM_EPS, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -103,15 +103,16 @@ class ResnetBlock(nn.Module):
     out_ch: int
     dropout: float
     dtype: Any = jnp.float32
+    num_groups: int = NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         # x: [B, H, W, Cin], temb: [B, 4ch]
         dt = self.dtype
-        h = nn.swish(_norm(dt, "norm1")(x))
+        h = nn.swish(_norm(dt, "norm1", self.num_groups)(x))
         h = L.Conv3x3(self.out_ch, dt, name="conv1")(h)  # [B, H, W, out]
         h = h + L.Dense(self.out_ch, dt, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(_norm(dt, "norm2")(h))
+        h = nn.swish(_norm(dt, "norm2", self.num_groups)(h))
         h = L.Dropout(self.dropout)(h, train=train)
         h = L.Conv3x3(self.out_ch, dt, zero=True, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
@@ -123,12 +124,13 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels (Vaswani et al. 2017 eq. 1), residual."""
 
     dtype: Any = jnp.float32
+    num_groups: int = NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape
         dt = self.dtype
-        h = _norm(dt, "norm")(x).reshape(b, hh * ww, c)  # [B, N, C]
+        h = _norm(dt, "norm", self.num_groups)(x).reshape(b, hh * ww, c)  # [B, N, C]
         q = L.Dense(c, dt, name="q")(h)
         k = L.Dense(c, dt, name="k")(h)
         v = L.Dense(c, dt, name="v")(h)
@@ -193,6 +195,9 @@ class UNet(nn.Module):
       out_channels: C for eps/x0/v prediction, 2C with a learned variance.
       num_classes: 0 or None for an unconditional model.
       dtype: compute dtype (float32 or bfloat16); parameters are float32 regardless.
+      num_groups: GroupNorm groups (32 in the paper); ch and every ch * mult must be multiples.
+        With one channel per group (e.g. ch=32), GroupNorm removes the per-channel timestep
+        and class embedding a resblock adds before its second norm; fewer groups keep it.
     """
 
     ch: int = 128
@@ -204,6 +209,7 @@ class UNet(nn.Module):
     out_channels: int = 3
     num_classes: int | None = None
     dtype: Any = jnp.float32
+    num_groups: int = NUM_GROUPS
 
     def _validate(self, x: jax.Array) -> None:
         if x.ndim != 4:
@@ -222,11 +228,13 @@ class UNet(nn.Module):
                     f"attention resolution {res} never occurs for image height {height}; "
                     f"occurring resolutions: {occurring}"
                 )
+        if not isinstance(self.num_groups, int) or self.num_groups < 1:
+            raise ValueError(f"num_groups = {self.num_groups!r}; allowed: an integer >= 1")
         for c in (self.ch, *(self.ch * m for m in self.ch_mult)):
-            if c % NUM_GROUPS:
+            if c % self.num_groups:
                 raise ValueError(
                     f"channel count {c} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) is not "
-                    f"divisible by the {NUM_GROUPS} GroupNorm groups"
+                    f"divisible by the {self.num_groups} GroupNorm groups"
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout rate {self.dropout} not in [0, 1)")
@@ -265,10 +273,14 @@ class UNet(nn.Module):
         for level in range(nr):
             for i in range(self.num_res_blocks):
                 h = ResnetBlock(
-                    self.ch * self.ch_mult[level], self.dropout, dt, name=f"down_{level}_block_{i}"
+                    self.ch * self.ch_mult[level],
+                    self.dropout,
+                    dt,
+                    self.num_groups,
+                    name=f"down_{level}_block_{i}",
                 )(hs[-1], temb, train=train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"down_{level}_attn_{i}")(h)
+                    h = AttnBlock(dt, self.num_groups, name=f"down_{level}_attn_{i}")(h)
                 hs.append(h)
             if level != nr - 1:
                 hs.append(
@@ -276,22 +288,27 @@ class UNet(nn.Module):
                 )
 
         h = hs[-1]
-        h = ResnetBlock(h.shape[-1], self.dropout, dt, name="mid_block_1")(h, temb, train=train)
-        h = AttnBlock(dt, name="mid_attn")(h)
-        h = ResnetBlock(h.shape[-1], self.dropout, dt, name="mid_block_2")(h, temb, train=train)
+        c, g = h.shape[-1], self.num_groups
+        h = ResnetBlock(c, self.dropout, dt, g, name="mid_block_1")(h, temb, train=train)
+        h = AttnBlock(dt, g, name="mid_attn")(h)
+        h = ResnetBlock(c, self.dropout, dt, g, name="mid_block_2")(h, temb, train=train)
 
         for level in reversed(range(nr)):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
                 h = ResnetBlock(
-                    self.ch * self.ch_mult[level], self.dropout, dt, name=f"up_{level}_block_{i}"
+                    self.ch * self.ch_mult[level],
+                    self.dropout,
+                    dt,
+                    self.num_groups,
+                    name=f"up_{level}_block_{i}",
                 )(h, temb, train=train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"up_{level}_attn_{i}")(h)
+                    h = AttnBlock(dt, self.num_groups, name=f"up_{level}_attn_{i}")(h)
             if level != 0:
                 h = Upsample(self.resamp_with_conv, dt, name=f"up_{level}_upsample")(h)
         assert not hs
 
-        h = nn.swish(_norm(dt, "norm_out")(h))
+        h = nn.swish(_norm(dt, "norm_out", self.num_groups)(h))
         h = L.Conv3x3(self.out_channels, dt, zero=True, name="conv_out")(h)  # [B, H, W, out]
         return h.astype(jnp.float32)
