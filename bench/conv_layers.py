@@ -51,10 +51,6 @@ def conv_shapes(name: str, batch: int) -> collections.Counter:
     return found
 
 
-def median(fn, runs: int) -> float:
-    return median_seconds(fn, warmup=2, runs=runs)[0]
-
-
 def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, ...]:
     """FLOPs, then seconds of: XLA forward, XLA VJP, torch forward, torch forward + backward."""
     import torch
@@ -73,8 +69,8 @@ def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, .
     g = jax.random.normal(jax.random.key(2), (b, oh, ow, o))
     fwd = jax.jit(conv)
     bwd = jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g))
-    jf = median(lambda: fwd(x, k).block_until_ready(), runs)
-    jb = median(lambda: jax.block_until_ready(bwd(x, k, g)), runs)
+    jf = median_seconds(lambda: fwd(x, k).block_until_ready(), 2, runs)[0]
+    jb = median_seconds(lambda: jax.block_until_ready(bwd(x, k, g)), 2, runs)[0]
 
     # torch: NCHW; SAME padding, stride 2 pads (0, 1) as TF / the DDPM model.
     tconv = torch.nn.Conv2d(c, o, (kh, kw), stride=strides, padding=0)
@@ -89,7 +85,7 @@ def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, .
     def tfb():
         tconv(torch.nn.functional.pad(tx, pad)).backward(tg)
 
-    return flops, jf, jb, median(tfwd, runs), median(tfb, runs)
+    return flops, jf, jb, median_seconds(tfwd, 2, runs)[0], median_seconds(tfb, 2, runs)[0]
 
 
 def main() -> None:

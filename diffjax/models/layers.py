@@ -180,7 +180,7 @@ def conv3x3_xla(x: jax.Array, kernel: jax.Array, strides: int, dtype: Any) -> ja
 
 
 def _xla_conv_fwd(x, kernel, strides, dtype):
-    return conv3x3_xla(x, kernel, strides, dtype), (x, kernel)
+    return _xla_conv(x, kernel.astype(dtype), strides), (x, kernel)
 
 
 def _xla_conv_bwd(strides, dtype, res, g):
