@@ -14,7 +14,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffjax import cpu_runtime
 from diffjax.models.unet import UNet
+
+# Before any JAX computation, as train.py does (diffjax/cpu_runtime.py). The YNNPACK fusion types
+# are chosen per compile (``compile_options``), since a benchmark may time both dtypes;
+# DIFFJAX_REUSE_FREED_MEMORY=0 measures without malloc reuse (for JAX and torch alike) and
+# DIFFJAX_YNN_FUSIONS=0 with XLA's default fusions.
+REUSE_FREED_MEMORY = cpu_runtime.env_enabled(cpu_runtime.REUSE_ENV)
+REUSE_FREED_MEMORY = REUSE_FREED_MEMORY and cpu_runtime.reuse_freed_memory()
+YNN_FUSIONS = cpu_runtime.env_enabled(cpu_runtime.FUSIONS_ENV)
 
 # name -> (UNet fields, image size, channels). FLOPs per image are taken from XLA's cost analysis.
 WORKLOADS = {
@@ -52,7 +61,8 @@ def make_model(name: str, dtype=jnp.float32) -> tuple[UNet, int, int]:
 
 
 def make_train_step(model: UNet, lr: float = 2e-4) -> tuple[Callable, optax.GradientTransformation]:
-    """Jitted train step: forward + MSE to the target + backward + Adam update (params donated)."""
+    """Jitted train step: forward + MSE to the target + backward + Adam update (params donated),
+    compiled with ``cpu_runtime``'s fusion types for the model's compute dtype."""
     opt = optax.adam(lr)
 
     def loss_fn(params, x, t, target, rng):
@@ -64,7 +74,8 @@ def make_train_step(model: UNet, lr: float = 2e-4) -> tuple[Callable, optax.Grad
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1)), opt
+    options = cpu_runtime.compiler_options(jnp.dtype(model.dtype).name)
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=options), opt
 
 
 def make_inputs(batch: int, size: int, channels: int, seed: int = 0):
@@ -126,5 +137,7 @@ def environment() -> str:
     return (
         f"device: {jax.devices()[0].device_kind} ({cpu}, {os.cpu_count()} cores)\n"
         f"versions: {pkgs}\n"
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"malloc reuses freed memory: {'yes' if REUSE_FREED_MEMORY else 'no'}, "
+        f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}"
     )

@@ -7,6 +7,7 @@ for jax's start-up.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import NoReturn
 
@@ -34,6 +35,12 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(self.name, message)
+
+
+def run_compute_dtype(workdir: str) -> str:
+    """The run's compute dtype (``model.dtype`` of its config.json; float32 if absent)."""
+    config = json.loads((epath.Path(workdir) / "config.json").read_text())
+    return config.get("model", {}).get("dtype", "float32")
 
 
 def check_run_dir(workdir: str) -> None:

@@ -44,7 +44,7 @@ from typing import Any, NoReturn
 
 from etils import epath
 
-from diffjax import cli
+from diffjax import cli, cpu_runtime
 
 __all__ = ["main", "parse_args"]
 
@@ -452,11 +452,17 @@ def _run(args: argparse.Namespace) -> str:
     return f"step {run.step}: {summary} (written to {out})"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns 0, or exits with status 2 on a usage error."""
+def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) -> int:
+    """Run the command line; returns 0, or exits with status 2 on a usage error.
+
+    ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype before
+    any JAX computation (the command line does; a caller that already computed with JAX need not).
+    """
     try:
         args = parse_args(argv)
         _check_files(args)
+        if configure_runtime:
+            cpu_runtime.configure(cli.run_compute_dtype(args.workdir))
         message = _run(args)
     except UsageError as e:
         _fail(str(e))
@@ -465,4 +471,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(configure_runtime=True))

@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 from etils import epath
 
-from diffjax import cli
+from diffjax import cli, cpu_runtime
 
 __all__ = ["main", "parse_args"]
 
@@ -188,11 +188,17 @@ def _default_out(args: argparse.Namespace, step: int, sampler: str, steps: int) 
     return epath.Path(args.workdir) / "samples" / name
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns 0, or exits with status 2 on a usage error."""
+def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) -> int:
+    """Run the command line; returns 0, or exits with status 2 on a usage error.
+
+    ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype before
+    any JAX computation (the command line does; a caller that already computed with JAX need not).
+    """
     try:
         args = parse_args(argv)
         _check_workdir(args.workdir)
+        if configure_runtime:
+            cpu_runtime.configure(cli.run_compute_dtype(args.workdir))
         message = _run(args)
     except UsageError as e:
         _fail(str(e))
@@ -201,4 +207,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(configure_runtime=True))

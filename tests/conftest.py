@@ -1,13 +1,19 @@
 """Shared test setup.
 
 Two fake CPU devices are created before jax is imported so that the pmapped code paths
-run with a real device axis; tests that need another count start a subprocess.
+run with a real device axis; tests that need another count start a subprocess. The XLA:CPU
+settings of train.py (``cpu_runtime.configure``) apply here too, so that a run in a train.py
+subprocess and one in the test process compile the same programs (bitwise-equal resumes).
 """
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from diffjax import cpu_runtime  # noqa: E402  (imports no jax)
+
+cpu_runtime.configure("float32")
 
 import jax  # noqa: E402
 

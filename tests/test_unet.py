@@ -179,7 +179,7 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
     dn = ("NHWC", "HWIO", "NHWC")
     for s in (1, 2):
         g = jax.random.normal(kg, (6, 32 // s, 32 // s, 5))
-        out, vjp = jax.vjp(lambda a, b, s=s: L.conv3x3_xla(a, b, s, jnp.float32), x, w)
+        out, vjp = jax.vjp(lambda a, b, s=s: L.conv3x3_xla(a, b, s, jnp.float32, 3), x, w)
         ref = lambda a, b, s=s: jax.lax.conv_general_dilated(
             a, b, (s, s), "SAME", dimension_numbers=dn
         )
@@ -192,9 +192,9 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
             np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
     # bfloat16 compute: the input gradient comes back in the input dtype, the kernel gradient
     # in float32 (the parameter's dtype).
-    dx, dk = jax.vjp(lambda a, b: L.conv3x3_xla(a, b, 1, jnp.bfloat16), x.astype(jnp.bfloat16), w)[
-        1
-    ](jax.random.normal(kg, (6, 32, 32, 5)))
+    dx, dk = jax.vjp(
+        lambda a, b: L.conv3x3_xla(a, b, 1, jnp.bfloat16, 3), x.astype(jnp.bfloat16), w
+    )[1](jax.random.normal(kg, (6, 32, 32, 5)))
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
 
 

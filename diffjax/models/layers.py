@@ -5,8 +5,8 @@ in the compute dtype and accumulates in float32 (``preferred_element_type``), fo
 backward: JAX's default transpose rules would run the backward products of a bfloat16 product on
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
-would. XLA's convolutions (``conv3x3_xla``) also carry a custom VJP, which sums the kernel
-gradient over cache-sized batch chunks.
+would. XLA's convolutions (``conv3x3_xla``) also carry a custom VJP, which in bfloat16 compute
+sums the kernel gradient over cache-sized batch chunks.
 
 Modules mirror flax.linen.Dense / Conv / GroupNorm parameter names and shapes ("kernel", "bias",
 "scale"), so parameter trees are interchangeable with the flax layers.
@@ -150,9 +150,10 @@ def _conv_bwd(dtype, res, g):
 
 conv3x3_dots.defvjp(_conv_fwd, _conv_bwd)
 
-# XLA:CPU's kernel-gradient convolution slows down per FLOP once the activations it contracts
-# outgrow the caches: measured on [32, 32, 32, 128] -> 128, one call takes 112 ms, sixteen
-# calls on 2-image chunks 64 ms in all (bench/README.md). Chunks hold at least this many pixels.
+# XLA:CPU's YNNPACK kernel-gradient convolution (its default for 3x3 convolutions, which bfloat16
+# compute keeps; diffjax/cpu_runtime.py) slows down per FLOP once the activations it contracts
+# outgrow the caches: measured on [32, 32, 32, 128] -> 128, one call takes 112 ms, sixteen calls
+# on 2-image chunks 64 ms in all (bench/README.md). Chunks hold at least this many pixels.
 KERNEL_GRAD_CHUNK_PIXELS = 2048
 KERNEL_GRAD_MAX_CHUNKS = 32
 
@@ -172,26 +173,26 @@ def _xla_conv(x: jax.Array, k: jax.Array, strides: int) -> jax.Array:
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv3x3_xla(x: jax.Array, kernel: jax.Array, strides: int, dtype: Any) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv3x3_xla(
+    x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, chunks: int = 1
+) -> jax.Array:
     """XLA's 3x3 SAME convolution (float32 [B, H', W', O]) whose kernel gradient is summed over
-    batch chunks of ``kernel_grad_chunks`` images; otherwise exactly autodiff's gradients."""
+    ``chunks`` equal batch chunks (a divisor of B); otherwise exactly autodiff's gradients."""
     return _xla_conv(x, kernel.astype(dtype), strides)
 
 
-def _xla_conv_fwd(x, kernel, strides, dtype):
+def _xla_conv_fwd(x, kernel, strides, dtype, chunks):
     return _xla_conv(x, kernel.astype(dtype), strides), (x, kernel)
 
 
-def _xla_conv_bwd(strides, dtype, res, g):
+def _xla_conv_bwd(strides, dtype, chunks, res, g):
     x, kernel = res
     k = kernel.astype(dtype)
     (dx,) = jax.vjp(lambda a: _xla_conv(a, k, strides), x)[1](g)
-    b = x.shape[0]
-    n = kernel_grad_chunks(b, x.shape[1] * x.shape[2])
-    c = b // n
+    c = x.shape[0] // chunks
     dk = None
-    for i in range(n):
+    for i in range(chunks):
         xi, gi = x[i * c : (i + 1) * c], g[i * c : (i + 1) * c]
         (part,) = jax.vjp(lambda kk, xi=xi: _xla_conv(xi, kk.astype(dtype), strides), kernel)[1](gi)
         dk = part if dk is None else dk + part
@@ -239,7 +240,11 @@ class Conv3x3(nn.Module):
         if use_dots:
             y = conv3x3_dots(x, kernel, self.dtype)  # float32
         else:
-            y = conv3x3_xla(x, kernel, self.strides, self.dtype)  # float32
+            # Chunked kernel gradients pay off under XLA's default YNNPACK convolutions (kept for
+            # bfloat16); float32 runs under cpu_runtime's fusions, where one call is faster.
+            bf16 = jnp.dtype(self.dtype) == jnp.dtype(jnp.bfloat16)
+            chunks = kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 else 1
+            y = conv3x3_xla(x, kernel, self.strides, self.dtype, chunks)  # float32
         return (y + bias).astype(self.dtype)
 
 

@@ -1,0 +1,135 @@
+"""Process-wide XLA:CPU settings for speed: malloc reuse and YNNPACK fusion types.
+
+Both must be in place before the process's first JAX computation (XLA reads its flags and
+creates its worker threads with the CPU backend), so they are applied by the entry points:
+``train.py``, ``python -m diffjax.sample``, ``python -m diffjax.evaluate`` and ``bench/``. In
+your own program call ``configure(compute_dtype)`` first thing. Neither changes a number that is
+computed, only how fast (the tests compare gradients and losses with and without).
+
+1. **malloc keeps freed memory** (``reuse_freed_memory``). Every call of a compiled XLA:CPU
+   executable allocates one buffer for all its temporaries (1.2 GB for the small 32x32 model's
+   train step at batch 64) and YNNPACK allocates scratch, on XLA's worker threads, all freed
+   when the call ends. glibc serves such a request with a fresh ``mmap`` (always, from a worker
+   thread's arena) and unmaps it on free, so the next call faults every page in again and the
+   kernel zeroes each one: ~300,000 page faults per small32 step, ~280,000 per CIFAR-10 step at
+   batch 16. With one arena, no mmap and no trimming, the heap is reused from call to call. The
+   price: the process keeps its peak heap until it exits. ``DIFFJAX_REUSE_FREED_MEMORY=0`` turns
+   it off; the same for any program, set before it starts:
+   ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615``.
+2. **YNNPACK fusion types** (``ynn_fusion_types``; per program: ``compiler_options``). jaxlib
+   0.10 hands 3x3 convolutions, matrix products and reductions to YNNPACK one by one
+   (``--xla_cpu_experimental_ynn_fusion_type`` = INDIVIDUAL_CONVOLUTION, INDIVIDUAL_DOT,
+   REDUCE). For float32 compute, YNNPACK fusions of products and convolutions with their
+   elementwise neighbours (DOT), of elementwise chains (ELTWISE) and of reductions (REDUCE) are
+   faster; for bfloat16 compute the default is (its wide convolutions are nine bfloat16
+   products, which the DOT fusion slows down). The flag is only added for the jaxlib versions
+   it was measured on, and never over one already in ``XLA_FLAGS``; ``DIFFJAX_YNN_FUSIONS=0``
+   leaves XLA's default.
+
+Measured gains are in ``bench/README.md`` ("CPU runtime settings").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+REUSE_ENV = "DIFFJAX_REUSE_FREED_MEMORY"
+FUSIONS_ENV = "DIFFJAX_YNN_FUSIONS"
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+# Compute dtype -> YNNPACK fusion types (None: XLA's default). Measured on jaxlib 0.10.2.
+YNN_FUSION_TYPES = {
+    "float32": ("DOT", "ELTWISE", "REDUCE"),
+    "bfloat16": None,
+}
+# jaxlib versions (prefixes) that know the flag; an unknown flag in XLA_FLAGS aborts the process.
+YNN_FLAG_JAXLIB_VERSIONS = ("0.10.",)
+
+# mallopt(3) parameters, from glibc's <malloc.h>, applied in this order. Why each one:
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_MALLOC_SETTINGS = (
+    # One arena for all threads: only the main arena grows without mmap (a thread arena serves
+    # any request above its 64 MiB heap size with mmap, whatever M_MMAP_MAX says).
+    (_M_ARENA_MAX, 1),
+    # No mmap for large requests: they come from the heap and go back to it when freed.
+    (_M_MMAP_MAX, 0),
+    # Never give the top of the heap back to the kernel (it would be faulted in again). -1
+    # disables trimming; the largest int (2 GiB) would not: CIFAR-10's bfloat16 step frees
+    # 2.6 GB at once.
+    (_M_TRIM_THRESHOLD, -1),
+)
+
+
+def env_enabled(name: str) -> bool:
+    """False when the environment variable ``name`` is 0/false/no/off (any case); default on."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; True if applied (glibc only).
+
+    A thread that has already allocated keeps its own arena, so call it before JAX's CPU
+    backend starts. On other C libraries (macOS, musl) it does nothing and returns False.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    # mallopt returns 1 on success, 0 on error.
+    return all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
+
+
+def ynn_fusion_types(compute_dtype: str, jaxlib_version: str) -> str | None:
+    """The value of XLA's YNNPACK fusion-type option for ``compute_dtype`` (None: keep XLA's).
+
+    :raises ValueError: an unknown compute dtype (the message lists the known ones).
+    """
+    if compute_dtype not in YNN_FUSION_TYPES:
+        raise ValueError(
+            f"compute dtype {compute_dtype!r} is not one of {sorted(YNN_FUSION_TYPES)}"
+        )
+    types = YNN_FUSION_TYPES[compute_dtype]
+    if types is None or not jaxlib_version.startswith(YNN_FLAG_JAXLIB_VERSIONS):
+        return None
+    return ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in types)
+
+
+def compiler_options(compute_dtype: str) -> dict[str, str]:
+    """The fusion types as per-program options, ``jax.jit(f, compiler_options=...)``.
+
+    For a process that compiles programs of both dtypes (``configure``'s flag is process-wide);
+    empty when XLA's default is the faster one or ``DIFFJAX_YNN_FUSIONS=0``.
+    """
+    import jaxlib.version  # the version only: importing jaxlib starts no backend
+
+    value = ynn_fusion_types(compute_dtype, jaxlib.version.__version__)
+    if value is None or not env_enabled(FUSIONS_ENV):
+        return {}
+    return {YNN_FLAG.lstrip("-"): value}
+
+
+def configure(compute_dtype: str = "float32") -> list[str]:
+    """Apply both settings unless the environment turns them off; returns what was applied.
+
+    Call before the first JAX computation of the process (later, XLA has read its flags and
+    started its threads, and nothing changes). ``compute_dtype`` is the model's compute dtype
+    (config ``model.dtype``).
+    """
+    import jaxlib.version  # the version only: importing jaxlib starts no backend
+
+    applied = []
+    if env_enabled(REUSE_ENV) and reuse_freed_memory():
+        applied.append("malloc reuses freed memory")
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    # An unknown dtype adds nothing here; config validation reports it in one line.
+    if env_enabled(FUSIONS_ENV) and YNN_FLAG not in xla_flags and compute_dtype in YNN_FUSION_TYPES:
+        value = ynn_fusion_types(compute_dtype, jaxlib.version.__version__)
+        if value is not None:
+            os.environ["XLA_FLAGS"] = f"{xla_flags} {YNN_FLAG}={value}".strip()
+            applied.append(f"{YNN_FLAG}={value}")
+    return applied
