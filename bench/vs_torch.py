@@ -4,14 +4,17 @@ The torch model is the same architecture (google/ddpm-cifar10-32 layout for the 
 randomly initialised (nothing is downloaded); both sides must have the same parameter count. A
 train step is forward + MSE loss + backward + Adam update on the same batch shape, with the same
 number of threads. Steps alternate JAX, torch, JAX, ... so that machine noise hits both alike.
+Time one JAX dtype per process for the published numbers: a float32 and a bfloat16 program
+alternating in one process slow the float32 step by 10-15% (bench/README.md).
 
-    python bench/vs_torch.py --workload cifar10 --batch 16 --dtypes float32,bfloat16 --runs 5
+    python bench/vs_torch.py --workload cifar10 --batch 16 --dtypes float32 --runs 5
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -73,9 +76,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="cifar10")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument(
-        "--dtypes", default="float32,bfloat16", help="JAX compute dtypes (comma-separated)"
-    )
+    p.add_argument("--dtypes", default="float32", help="JAX compute dtypes (comma-separated)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -143,11 +144,14 @@ def main() -> None:
         for _, fn in fns:
             fn()
     times = {label: [] for label, _ in fns}
+    faults = {label: [] for label, _ in fns}  # minor page faults: memory faulted in again
     for _ in range(args.runs):
         for label, fn in fns:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             s = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - s)
+            faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     med = {label: statistics.median(v) for label, v in times.items()}
     mt = med["torch float32"]
     for label, v in times.items():
@@ -156,7 +160,10 @@ def main() -> None:
             flops = jax_steps[label.split()[1]][1]
             gfs = flops / med[label] / 1e9
             line += f", {gfs:5.0f} GFLOP/s, speedup vs torch {mt / med[label]:.2f}x"
-        print(f"{line}  runs {[round(x, 3) for x in v]}")
+        print(
+            f"{line}  runs {[round(x, 3) for x in v]}, "
+            f"page faults/step {statistics.median(faults[label]):.0f}"
+        )
     print(f"peak RSS {peak_rss_mib():.0f} MiB (both frameworks in one process)")
 
 
