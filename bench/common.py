@@ -18,11 +18,10 @@ from diffjax import cpu_runtime
 from diffjax.models.unet import UNet
 
 # Before any JAX computation, as train.py does (diffjax/cpu_runtime.py). The YNNPACK fusion types
-# are chosen per compile (``compile_options``), since a benchmark may time both dtypes;
-# DIFFJAX_REUSE_FREED_MEMORY=0 measures without malloc reuse (for JAX and torch alike) and
-# DIFFJAX_YNN_FUSIONS=0 with XLA's default fusions.
-REUSE_FREED_MEMORY = cpu_runtime.env_enabled(cpu_runtime.REUSE_ENV)
-REUSE_FREED_MEMORY = REUSE_FREED_MEMORY and cpu_runtime.reuse_freed_memory()
+# are chosen per program (``compiler_options`` in make_train_step), since a benchmark may time
+# both dtypes; DIFFJAX_REUSE_FREED_MEMORY=0 measures without malloc reuse (for JAX and torch
+# alike) and DIFFJAX_YNN_FUSIONS=0 with XLA's default fusions.
+REUSE_FREED_MEMORY = cpu_runtime.configure_memory()
 YNN_FUSIONS = cpu_runtime.env_enabled(cpu_runtime.FUSIONS_ENV)
 
 # name -> (UNet fields, image size, channels). FLOPs per image are taken from XLA's cost analysis.

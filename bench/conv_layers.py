@@ -2,10 +2,11 @@
 
 The convolutions are read from the model's jaxpr (shape, stride, how often each occurs), then
 each distinct one is timed alone: diffjax's float32 convolution (``layers.conv3x3_xla``: XLA's
-``conv_general_dilated``, NHWC, with the kernel gradient summed over batch chunks) forward and
-its VJP (input + kernel gradient), torch's ``nn.Conv2d`` (NCHW, float32) forward and forward +
-backward, same threads. The weighted sum over the network says how much of a train step's gap
-to torch the convolution kernels explain.
+``conv_general_dilated``, NHWC, kernel gradient in one call as float32 compute does; XLA's
+default fusion types, no ``cpu_runtime.compiler_options``) forward and its VJP (input + kernel
+gradient), torch's ``nn.Conv2d`` (NCHW, float32) forward and forward + backward, same threads.
+The weighted sum over the network says how much of a train step's gap to torch the convolution
+kernels explain.
 
     python bench/conv_layers.py --workload small32 --batch 64
     python bench/conv_layers.py --workload cifar10 --batch 16

@@ -84,6 +84,11 @@ def reuse_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
 
 
+def configure_memory() -> bool:
+    """``reuse_freed_memory()`` unless ``DIFFJAX_REUSE_FREED_MEMORY=0``; True if applied."""
+    return env_enabled(REUSE_ENV) and reuse_freed_memory()
+
+
 def ynn_fusion_types(compute_dtype: str, jaxlib_version: str) -> str | None:
     """The value of XLA's YNNPACK fusion-type option for ``compute_dtype`` (None: keep XLA's).
 
@@ -123,7 +128,7 @@ def configure(compute_dtype: str = "float32") -> list[str]:
     import jaxlib.version  # the version only: importing jaxlib starts no backend
 
     applied = []
-    if env_enabled(REUSE_ENV) and reuse_freed_memory():
+    if configure_memory():
         applied.append("malloc reuses freed memory")
     xla_flags = os.environ.get("XLA_FLAGS", "")
     # An unknown dtype adds nothing here; config validation reports it in one line.

@@ -232,17 +232,13 @@ class Conv3x3(nn.Module):
         kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features), F32)
         bias = self.param("bias", zero_init, (self.features,), F32)
         x = x.astype(self.dtype)
-        use_dots = (
-            jnp.dtype(self.dtype) == jnp.dtype(jnp.bfloat16)
-            and self.strides == 1
-            and x.shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS
-        )
+        bf16 = jnp.dtype(self.dtype) == jnp.dtype(jnp.bfloat16)
+        use_dots = bf16 and self.strides == 1 and x.shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS
         if use_dots:
             y = conv3x3_dots(x, kernel, self.dtype)  # float32
         else:
             # Chunked kernel gradients pay off under XLA's default YNNPACK convolutions (kept for
             # bfloat16); float32 runs under cpu_runtime's fusions, where one call is faster.
-            bf16 = jnp.dtype(self.dtype) == jnp.dtype(jnp.bfloat16)
             chunks = kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 else 1
             y = conv3x3_xla(x, kernel, self.strides, self.dtype, chunks)  # float32
         return (y + bias).astype(self.dtype)
