@@ -145,6 +145,7 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("data.channels", *_int_at_least(1)),
         ("data.num_classes", *_int_at_least(0)),
         ("data.random_flip", *_boolean()),
+        ("data.cache_max_mb", *_int_at_least(0)),
         ("model.ch", *_int_at_least(1)),
         ("model.num_groups", *_int_at_least(1)),
         ("model.ch_mult", *_int_tuple(non_empty=True)),

@@ -37,6 +37,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     data.train_split = "train"
     data.eval_split = "test"
     data.num_classes = 0
+    # Decode the training split once into memory when it takes at most this many MiB (0: never).
+    data.cache_max_mb = 512
 
     config.model = model = ml_collections.ConfigDict()
     model.ch = 128

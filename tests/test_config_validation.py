@@ -27,6 +27,7 @@ def _valid_config() -> ml_collections.ConfigDict:
         train_split="train",
         eval_split="test",
         num_classes=10,
+        cache_max_mb=64,
     )
     c.model = dict(
         ch=32,
@@ -116,6 +117,8 @@ SINGLE_PROBLEMS = [
     ("model.dropout", 1.0, ["[0, 1)"]),
     ("model.num_classes", -1, [">= 0"]),
     ("data.num_classes", -2, [">= 0"]),
+    ("data.cache_max_mb", -1, ["integer >= 0"]),
+    ("data.cache_max_mb", 0.5, ["integer >= 0"]),
     ("training.ema_decay", 1.0, ["[0, 1)"]),
     ("training.ema_decay", -0.1, ["[0, 1)"]),
     ("optimizer.learning_rate", 0.0, ["> 0"]),

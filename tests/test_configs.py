@@ -26,6 +26,7 @@ SCHEMA = {
         "image_size",
         "channels",
         "random_flip",
+        "cache_max_mb",
         "train_split",
         "eval_split",
         "num_classes",

@@ -137,6 +137,50 @@ def test_batch_is_a_function_of_seed_and_step(digits_dir):
     assert not np.array_equal(other["image"], full[0]["image"])
 
 
+def test_split_decoded_in_memory_gives_the_same_batches_and_reads_each_record_once(
+    digits_dir, monkeypatch
+):
+    reads = collections.Counter()
+    original = input_pipeline._Reader.read
+
+    def counting_read(self, indices):
+        reads.update(int(i) for i in indices)
+        return original(self, indices)
+
+    monkeypatch.setattr(input_pipeline._Reader, "read", counting_read)
+    # 1,500 images of 8 x 8 x 1 bytes fit in 1 MiB (a 0 MiB cache: decode per batch).
+    cached, per_batch = (
+        take(
+            input_pipeline.create_train_iterator(
+                make_config(digits_dir, seed=5, random_flip=True, cache_max_mb=mb),
+                start_step=13,
+                process_index=1,
+                process_count=2,
+                num_threads=0,
+            ),
+            20,  # crosses the epoch boundary at step 15
+        )
+        for mb in (1, 0)
+    )
+    for a, b in zip(cached, per_batch, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # The cached iterator decoded all 1,500 records once; the other one 20 batches of 50.
+    per_batch_reads = collections.Counter(
+        int(i)
+        for step in range(13, 33)
+        for i in input_pipeline.train_positions(
+            step,
+            seed=5,
+            num_records=1500,
+            global_batch=GLOBAL_BATCH,
+            process_index=1,
+            process_count=2,
+        )[0]
+    )
+    assert reads == collections.Counter(range(1500)) + per_batch_reads
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_are_disjoint_and_form_the_global_batch(digits_dir, process_count):
     config = make_config(digits_dir, seed=1, random_flip=True)
