@@ -20,9 +20,11 @@ computed, only how fast (the tests compare gradients and losses with and without
    0.10 hands 3x3 convolutions, matrix products and reductions to YNNPACK one by one
    (``--xla_cpu_experimental_ynn_fusion_type`` = INDIVIDUAL_CONVOLUTION, INDIVIDUAL_DOT,
    REDUCE). For float32 compute, YNNPACK fusions of products and convolutions with their
-   elementwise neighbours (DOT), of elementwise chains (ELTWISE) and of reductions (REDUCE) are
-   faster; for bfloat16 compute the default is (its wide convolutions are nine bfloat16
-   products, which the DOT fusion slows down). The flag is only added for the jaxlib versions
+   elementwise neighbours (DOT) and of reductions (REDUCE) are faster, while XLA's own loops
+   stay faster for elementwise chains (YNNPACK's ELTWISE fusions run the slicing and stacking
+   of the Winograd transforms, ``diffjax.models.layers``, 3-4x slower); for bfloat16 compute
+   the default is (its 8x8 and 4x4 convolutions are nine bfloat16 products, which the DOT
+   fusion slows down). The flag is only added for the jaxlib versions
    it was measured on, and never over one already in ``XLA_FLAGS``; ``DIFFJAX_YNN_FUSIONS=0``
    leaves XLA's default.
 
@@ -42,7 +44,7 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 # Compute dtype -> YNNPACK fusion types (None: XLA's default). Measured on jaxlib 0.10.2.
 YNN_FUSION_TYPES = {
-    "float32": ("DOT", "ELTWISE", "REDUCE"),
+    "float32": ("DOT", "REDUCE"),
     "bfloat16": None,
 }
 # jaxlib versions (prefixes) that know the flag; an unknown flag in XLA_FLAGS aborts the process.

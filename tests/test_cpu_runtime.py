@@ -60,7 +60,7 @@ def test_reusing_freed_memory_removes_the_page_faults_of_every_call():
 
 def test_fusion_types_by_dtype_and_jaxlib_version():
     assert cpu_runtime.ynn_fusion_types("float32", "0.10.2") == (
-        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
+        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
     )
     assert cpu_runtime.ynn_fusion_types("bfloat16", "0.10.2") is None  # XLA's default
     # A jaxlib the flag was not measured on (it may not know it: XLA aborts on unknown flags).

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffjax.models import create_model, init_params
 from diffjax.models import layers as L
@@ -196,6 +198,88 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
         lambda a, b: L.conv3x3_xla(a, b, 1, jnp.bfloat16, 3), x.astype(jnp.bfloat16), w
     )[1](jax.random.normal(kg, (6, 32, 32, 5)))
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+
+
+def _conv3x3_f64(x, w):
+    """SAME 3x3 cross-correlation in float64 numpy: [B, H, W, C] x [3, 3, C, O] -> [B, H, W, O]."""
+    h, w_ = x.shape[1], x.shape[2]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(
+        np.einsum("bhwc,co->bhwo", xp[:, dy : dy + h, dx : dx + w_], w[dy, dx])
+        for dy in range(3)
+        for dx in range(3)
+    )
+
+
+def _conv3x3_grads_f64(x, w, g):
+    """(dL/dx, dL/dw) of L = <conv(x, w), g> in float64: the adjoint of the correlation."""
+    h, w_ = x.shape[1], x.shape[2]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for dy in range(3):
+        for dx in range(3):
+            dxp[:, dy : dy + h, dx : dx + w_] += np.einsum("bhwo,co->bhwc", g, w[dy, dx])
+            dw[dy, dx] = np.einsum("bhwc,bhwo->co", xp[:, dy : dy + h, dx : dx + w_], g)
+    return dxp[:, 1:-1, 1:-1], dw
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    half_h=st.integers(1, 6),
+    half_w=st.integers(1, 6),
+    channels=st.integers(1, 9),
+    features=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_winograd_convolution_and_its_gradients_match_float64(
+    batch, half_h, half_w, channels, features, seed
+):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, 2 * half_h, 2 * half_w, channels)).astype(np.float32)
+    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
+    g = rng.normal(size=(batch, 2 * half_h, 2 * half_w, features)).astype(np.float32)
+    want = (_conv3x3_f64(x.astype(np.float64), w.astype(np.float64)),) + _conv3x3_grads_f64(
+        x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+    )
+    out, vjp = jax.vjp(lambda a, b: L.conv3x3_winograd(a, b, jnp.float32), x, w)
+    for got, ref in zip((out, *vjp(g)), want, strict=True):
+        # Each value sums <= 9 C (or 9 B H W / 4 for the kernel gradient) O(1) products after
+        # transforms with weights +-1, +-1/2: float32 error ~1e-6 of the largest term.
+        # 1e-4 of the largest value flags a wrong tap, sign or tile (errors of O(1)).
+        scale = float(np.max(np.abs(ref))) + 1e-12
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=1e-4 * scale)
+    # bfloat16 operands, float32 accumulation: relative error near bfloat16's 2^-9 (measured
+    # 3.5e-3 to 7e-3); 2e-2 flags a bfloat16 accumulation or a wrong transform.
+    out, vjp = jax.vjp(
+        lambda a, b: L.conv3x3_winograd(a, b, jnp.bfloat16), x.astype(jnp.bfloat16), w
+    )
+    grads = vjp(g)
+    assert out.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16
+    assert grads[1].dtype == jnp.float32
+    for got, ref in zip((out, *grads), want, strict=True):
+        got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+        assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref) + 1e-6
+
+
+def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
+    assert L.use_winograd((16, 32, 32, 128), 128)
+    assert L.use_winograd((1, 16, 16, 512), 256)
+    assert not L.use_winograd((16, 8, 8, 256), 256)  # small maps: XLA's kernel
+    assert not L.use_winograd((16, 32, 32, 64), 128)  # narrow input
+    assert not L.use_winograd((16, 32, 32, 256), 3)  # narrow output (conv_out)
+    assert not L.use_winograd((16, 18, 17, 128), 128)  # odd width: no 2x2 tiling
+    # The module with a Winograd-sized input computes the convolution plus bias.
+    conv = L.Conv3x3(features=128)
+    x = jax.random.normal(jax.random.key(7), (1, 16, 16, 128))
+    params = _randomize(conv.init(jax.random.key(8), x)["params"])
+    jaxpr = str(jax.make_jaxpr(lambda p: conv.apply({"params": p}, x))(params))
+    assert "conv_general_dilated" not in jaxpr  # the Winograd products, not XLA's convolution
+    want = _conv3x3_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64))
+    want = want + np.asarray(params["bias"], np.float64)
+    got = np.asarray(conv.apply({"params": params}, x), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))
 
 
 def test_kernel_grad_chunks_divide_the_batch_into_large_enough_pieces():
