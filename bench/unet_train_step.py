@@ -1,8 +1,8 @@
 """Train-step throughput of the diffjax U-Net (forward + MSE + backward + Adam), JAX only.
 
 For each workload, batch size and compute dtype: median step time over --runs timed steps after
---warmup steps, images/s, achieved GFLOP/s from XLA's cost analysis of the compiled step, the
-percentage of the nominal float32 peak and of the measured float32 matmul rate, compile time,
+--warmup steps, images/s, achieved GFLOP/s in the model's FLOPs (XLA's cost analysis of the
+step with direct convolutions, ``common.model_flops``: Winograd layers do fewer), the percentage of the nominal float32 peak and of the measured float32 matmul rate, compile time,
 and the process's peak RSS (a high-water mark: each row shows the largest RSS so far).
 
     python bench/unet_train_step.py --workloads digits,small32,cifar10 \
@@ -24,12 +24,12 @@ from common import (  # noqa: E402
     FP32_PEAK_GFLOPS,
     WORKLOADS,
     environment,
-    flops_of,
     make_inputs,
     make_model,
     make_train_step,
     matmul_gflops,
     median_seconds,
+    model_flops,
     peak_rss_mib,
 )
 
@@ -46,7 +46,7 @@ def bench_one(name: str, batch: int, dtype: str, warmup: int, runs: int) -> dict
     t0 = time.perf_counter()
     compiled = step.lower(state[0], state[1], x, t, target, rng).compile()
     compile_s = time.perf_counter() - t0
-    flops = flops_of(compiled)
+    flops = model_flops(model, state[0], state[1], x, t, target, rng)
 
     def run():
         state[0], state[1], loss = compiled(state[0], state[1], x, t, target, rng)

@@ -1,5 +1,6 @@
 """Tests of the DDPM U-Net: architecture size, semantics of its parts, dtypes, errors."""
 
+import functools
 import math
 
 import jax
@@ -224,7 +225,13 @@ def _conv3x3_grads_f64(x, w, g):
     return dxp[:, 1:-1, 1:-1], dw
 
 
-@settings(max_examples=20, deadline=None)
+@functools.partial(jax.jit, static_argnums=3)
+def _winograd_and_vjp(x, w, g, dtype):
+    out, vjp = jax.vjp(lambda a, b: L.conv3x3_winograd(a, b, dtype), x.astype(dtype), w)
+    return (out, *vjp(g))
+
+
+@settings(max_examples=10, deadline=None)
 @given(
     batch=st.integers(1, 3),
     half_h=st.integers(1, 6),
@@ -243,8 +250,7 @@ def test_winograd_convolution_and_its_gradients_match_float64(
     want = (_conv3x3_f64(x.astype(np.float64), w.astype(np.float64)),) + _conv3x3_grads_f64(
         x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
     )
-    out, vjp = jax.vjp(lambda a, b: L.conv3x3_winograd(a, b, jnp.float32), x, w)
-    for got, ref in zip((out, *vjp(g)), want, strict=True):
+    for got, ref in zip(_winograd_and_vjp(x, w, g, jnp.float32), want, strict=True):
         # Each value sums <= 9 C (or 9 B H W / 4 for the kernel gradient) O(1) products after
         # transforms with weights +-1, +-1/2: float32 error ~1e-6 of the largest term.
         # 1e-4 of the largest value flags a wrong tap, sign or tile (errors of O(1)).
@@ -252,13 +258,9 @@ def test_winograd_convolution_and_its_gradients_match_float64(
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=1e-4 * scale)
     # bfloat16 operands, float32 accumulation: relative error near bfloat16's 2^-9 (measured
     # 3.5e-3 to 7e-3); 2e-2 flags a bfloat16 accumulation or a wrong transform.
-    out, vjp = jax.vjp(
-        lambda a, b: L.conv3x3_winograd(a, b, jnp.bfloat16), x.astype(jnp.bfloat16), w
-    )
-    grads = vjp(g)
-    assert out.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16
-    assert grads[1].dtype == jnp.float32
-    for got, ref in zip((out, *grads), want, strict=True):
+    got_all = _winograd_and_vjp(x, w, g, jnp.bfloat16)
+    assert [a.dtype for a in got_all] == [jnp.float32, jnp.bfloat16, jnp.float32]
+    for got, ref in zip(got_all, want, strict=True):
         got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
         assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref) + 1e-6
 
@@ -280,6 +282,23 @@ def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
     want = want + np.asarray(params["bias"], np.float64)
     got = np.asarray(conv.apply({"params": params}, x), np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))
+
+
+def test_conv3x3_algorithm_by_platform_dtype_and_shape():
+    cases = [
+        # (shape, features, strides, dtype, platform) -> algorithm
+        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu"), "winograd"),
+        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "cpu"), "winograd"),
+        (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu"), "dots"),
+        (((16, 8, 8, 256), 256, 1, jnp.float32, "cpu"), "xla"),
+        (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu"), "xla"),  # downsampling
+        (((16, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu"), "xla"),
+        # Accelerators: XLA's convolution, whatever the shape and dtype.
+        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "gpu"), "xla"),
+        (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "tpu"), "xla"),
+    ]
+    for args, want in cases:
+        assert L.conv3x3_algorithm(*args) == want, args
 
 
 def test_kernel_grad_chunks_divide_the_batch_into_large_enough_pieces():

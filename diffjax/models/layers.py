@@ -158,9 +158,9 @@ conv3x3_dots.defvjp(_conv_fwd, _conv_bwd)
 #     Y = A^T [(G g G^T) * (B^T d B)] A,
 # so a 3x3 convolution becomes 16 independent [N, C] x [C, O] products (N = B H W / 4), 2.25x fewer
 # multiplications than the direct form, plus transforms that only add and subtract.
-_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+# B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] and A^T = [[1, 1, 1, 0],
+# [0, 1, -1, -1]] are written out as additions below; G as a matrix.
 _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-_WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
 
 def _tile_rows(x: jax.Array, axis: int) -> jax.Array:
@@ -320,6 +320,42 @@ def _xla_conv_bwd(strides, dtype, chunks, res, g):
 conv3x3_xla.defvjp(_xla_conv_fwd, _xla_conv_bwd)
 
 
+def conv3x3_algorithm(
+    shape: tuple[int, ...], features: int, strides: int, dtype: Any, platform: str
+) -> str:
+    """How ``Conv3x3`` computes a 3x3 convolution of a [B, H, W, C] input on ``platform``.
+
+    "winograd" (``conv3x3_winograd``), "dots" (nine bfloat16 products, ``conv3x3_dots``) or
+    "xla" (``conv3x3_xla``). The first two are for XLA:CPU; GPUs and TPUs get XLA's convolution,
+    for which cuDNN and the TPU compiler choose their own algorithms.
+    """
+    if platform != "cpu":
+        return "xla"
+    if strides == 1 and use_winograd(shape, features):
+        return "winograd"
+    bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+    if bf16 and strides == 1 and shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS:
+        return "dots"
+    return "xla"
+
+
+def _xla_chunked(x: jax.Array, kernel: jax.Array, strides: int, dtype: Any) -> jax.Array:
+    # Chunked kernel gradients pay off under XLA's default YNNPACK convolutions (kept for
+    # bfloat16 on CPU); float32 runs under cpu_runtime's fusions, where one call is faster.
+    bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+    cpu = jax.default_backend() == "cpu"
+    chunks = kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 and cpu else 1
+    return conv3x3_xla(x, kernel, strides, dtype, chunks)
+
+
+# algorithm -> (x, kernel, strides, dtype) -> float32 [B, H', W', O]
+_CONV3X3 = {
+    "winograd": lambda x, kernel, strides, dtype: conv3x3_winograd(x, kernel, dtype),
+    "dots": lambda x, kernel, strides, dtype: conv3x3_dots(x, kernel, dtype),
+    "xla": _xla_chunked,
+}
+
+
 class Dense(nn.Module):
     """y = x W + b over the last axis (a 1x1 convolution on images); float32 parameters."""
 
@@ -350,17 +386,10 @@ class Conv3x3(nn.Module):
         kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features), F32)
         bias = self.param("bias", zero_init, (self.features,), F32)
         x = x.astype(self.dtype)
-        bf16 = jnp.dtype(self.dtype) == jnp.dtype(jnp.bfloat16)
-        use_dots = bf16 and self.strides == 1 and x.shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS
-        if self.strides == 1 and use_winograd(x.shape, self.features):
-            y = conv3x3_winograd(x, kernel, self.dtype)  # float32
-        elif use_dots:
-            y = conv3x3_dots(x, kernel, self.dtype)  # float32
-        else:
-            # Chunked kernel gradients pay off under XLA's default YNNPACK convolutions (kept for
-            # bfloat16); float32 runs under cpu_runtime's fusions, where one call is faster.
-            chunks = kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 else 1
-            y = conv3x3_xla(x, kernel, self.strides, self.dtype, chunks)  # float32
+        algorithm = conv3x3_algorithm(
+            x.shape, self.features, self.strides, self.dtype, jax.default_backend()
+        )
+        y = _CONV3X3[algorithm](x, kernel, self.strides, self.dtype)  # float32
         return (y + bias).astype(self.dtype)
 
 
