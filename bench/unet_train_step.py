@@ -2,7 +2,8 @@
 
 For each workload, batch size and compute dtype: median step time over --runs timed steps after
 --warmup steps, images/s, achieved GFLOP/s in the model's FLOPs (XLA's cost analysis of the
-step with direct convolutions, ``common.model_flops``: Winograd layers do fewer), the percentage of the nominal float32 peak and of the measured float32 matmul rate, compile time,
+step with direct convolutions, ``common.model_flops``: Winograd layers do fewer), the
+percentage of the nominal float32 peak and of the measured float32 matmul rate, compile time,
 and the process's peak RSS (a high-water mark: each row shows the largest RSS so far).
 
     python bench/unet_train_step.py --workloads digits,small32,cifar10 \

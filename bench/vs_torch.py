@@ -138,7 +138,8 @@ def main() -> None:
     )
     for d, (_, flops, compile_s) in jax_steps.items():
         print(
-            f"jax {d}: compile {compile_s:.1f} s, model {flops / 1e9:.1f} GFLOP/step (direct convolutions)"
+            f"jax {d}: compile {compile_s:.1f} s, "
+            f"model {flops / 1e9:.1f} GFLOP/step (direct convolutions)"
         )
     fns = [(f"jax {d}", fn) for d, (fn, _, _) in jax_steps.items()] + [
         ("torch float32", torch_step)
