@@ -1,12 +1,12 @@
-"""Every convolution of a workload's U-Net, XLA:CPU vs torch (oneDNN), forward and backward.
+"""Every convolution of a workload's U-Net, diffjax on XLA:CPU vs torch (oneDNN), fwd and bwd.
 
-The convolutions are read from the model's jaxpr (shape, stride, how often each occurs), then
-each distinct one is timed alone: diffjax's float32 convolution (``layers.conv3x3_xla``: XLA's
-``conv_general_dilated``, NHWC, kernel gradient in one call as float32 compute does; XLA's
-default fusion types, no ``cpu_runtime.compiler_options``) forward and its VJP (input + kernel
-gradient), torch's ``nn.Conv2d`` (NCHW, float32) forward and forward + backward, same threads.
-The weighted sum over the network says how much of a train step's gap to torch the convolution
-kernels explain.
+The convolutions are read from the model's jaxpr traced with direct convolutions (shape,
+stride, how often each occurs), then each distinct one is timed alone as diffjax computes it in
+float32 (``layers.conv3x3_algorithm``: Winograd F(2x2, 3x3) or XLA's ``conv_general_dilated``,
+NHWC, compiled with ``cpu_runtime``'s float32 fusion types), forward and its VJP (input +
+kernel gradient), against torch's ``nn.Conv2d`` (NCHW, float32) forward and forward +
+backward, same threads. GFLOP/s count the direct convolution's FLOPs. The weighted sum over
+the network says how much of a train step's gap to torch the convolutions explain.
 
     python bench/conv_layers.py --workload small32 --batch 64
     python bench/conv_layers.py --workload cifar10 --batch 16
@@ -27,8 +27,8 @@ import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from common import WORKLOADS, environment, make_model, median_seconds  # noqa: E402
 
-from diffjax.models import init_params  # noqa: E402
-from diffjax.models.layers import conv3x3_xla  # noqa: E402
+from diffjax import cpu_runtime  # noqa: E402
+from diffjax.models import init_params, layers  # noqa: E402
 
 
 def conv_shapes(name: str, batch: int) -> collections.Counter:
@@ -37,7 +37,11 @@ def conv_shapes(name: str, batch: int) -> collections.Counter:
     params = init_params(model, jax.random.key(0), size, channels)
     x = jnp.zeros((batch, size, size, channels))
     t = jnp.zeros((batch,), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
+    saved, layers.WINOGRAD_MIN_CHANNELS = layers.WINOGRAD_MIN_CHANNELS, sys.maxsize
+    try:  # every 3x3 convolution as conv_general_dilated
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
+    finally:
+        layers.WINOGRAD_MIN_CHANNELS = saved
     found = collections.Counter()
 
     def visit(jpr):
@@ -52,8 +56,9 @@ def conv_shapes(name: str, batch: int) -> collections.Counter:
     return found
 
 
-def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, ...]:
-    """FLOPs, then seconds of: XLA forward, XLA VJP, torch forward, torch forward + backward."""
+def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple:
+    """Algorithm, FLOPs, then seconds of: diffjax forward, diffjax VJP, torch forward, torch
+    forward + backward."""
     import torch
 
     b, h, w, c = xs
@@ -62,14 +67,17 @@ def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, .
     oh, ow = -(-h // sh), -(-w // sw)
     flops = 2.0 * b * oh * ow * kh * kw * c * o
 
+    algorithm = layers.conv3x3_algorithm(xs, o, sh, jnp.float32, "cpu")
+
     def conv(x, k):
-        return conv3x3_xla(x, k, sh, jnp.float32)
+        return layers._CONV3X3[algorithm](x, k, sh, jnp.float32)
 
     x = jax.random.normal(jax.random.key(0), xs)
     k = jax.random.normal(jax.random.key(1), ks) * 0.05
     g = jax.random.normal(jax.random.key(2), (b, oh, ow, o))
-    fwd = jax.jit(conv)
-    bwd = jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g))
+    options = cpu_runtime.compiler_options("float32")
+    fwd = jax.jit(conv, compiler_options=options)
+    bwd = jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g), compiler_options=options)
     jf = median_seconds(lambda: fwd(x, k).block_until_ready(), 2, runs)[0]
     jb = median_seconds(lambda: jax.block_until_ready(bwd(x, k, g)), 2, runs)[0]
 
@@ -86,7 +94,8 @@ def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple[float, .
     def tfb():
         tconv(torch.nn.functional.pad(tx, pad)).backward(tg)
 
-    return flops, jf, jb, median_seconds(tfwd, 2, runs)[0], median_seconds(tfb, 2, runs)[0]
+    tf, tfb_s = median_seconds(tfwd, 2, runs)[0], median_seconds(tfb, 2, runs)[0]
+    return algorithm, flops, jf, jb, tf, tfb_s
 
 
 def main() -> None:
@@ -103,23 +112,26 @@ def main() -> None:
     print(environment())
     tot = collections.Counter()
     print(
-        f"{'input BxHxWxC':>18s} {'kernel':>12s} {'s':>1s} {'n':>2s} {'GFLOP':>6s} | "
-        f"{'XLA fwd':>7s} {'torch fwd':>9s} | {'XLA f+b':>7s} {'torch f+b':>9s}   (GFLOP/s)"
+        f"{'input BxHxWxC':>18s} {'kernel':>12s} {'s':>1s} {'n':>2s} {'GFLOP':>6s} "
+        f"{'algorithm':>9s} | {'fwd':>5s} {'torch fwd':>9s} | {'f+b':>5s} {'torch f+b':>9s}"
+        "   (GFLOP/s)"
     )
     for (xs, ks, strides), n in sorted(conv_shapes(args.workload, args.batch).items()):
-        flops, jf, jb, tf, tfb_s = time_conv(xs, ks, strides, args.runs)
+        algorithm, flops, jf, jb, tf, tfb_s = time_conv(xs, ks, strides, args.runs)
         sh = strides[0]
-        tot["xla"] += n * (jf + jb)
+        tot["diffjax"] += n * (jf + jb)
         tot["torch"] += n * tfb_s
         print(
             f"{'x'.join(map(str, xs)):>18s} {'x'.join(map(str, ks)):>12s} {sh:1d} {n:2d} "
-            f"{flops / 1e9:6.2f} | {flops / jf / 1e9:7.0f} {flops / tf / 1e9:9.0f} | "
-            f"{3 * flops / (jf + jb) / 1e9:7.0f} {3 * flops / tfb_s / 1e9:9.0f}",
+            f"{flops / 1e9:6.2f} {algorithm:>9s} | "
+            f"{flops / jf / 1e9:5.0f} {flops / tf / 1e9:9.0f} | "
+            f"{3 * flops / (jf + jb) / 1e9:5.0f} {3 * flops / tfb_s / 1e9:9.0f}",
             flush=True,
         )
     print(
-        f"all convolutions of one train step (forward + backward): XLA {tot['xla']:.3f} s, "
-        f"torch {tot['torch']:.3f} s, torch/XLA {tot['torch'] / tot['xla']:.2f}x"
+        f"all convolutions of one train step (forward + backward): diffjax "
+        f"{tot['diffjax']:.3f} s, torch {tot['torch']:.3f} s, torch/diffjax "
+        f"{tot['torch'] / tot['diffjax']:.2f}x"
     )
 
 
