@@ -106,18 +106,23 @@ def ynn_fusion_types(compute_dtype: str, jaxlib_version: str) -> str | None:
     return ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in types)
 
 
+def _enabled_fusion_types(compute_dtype: str) -> str | None:
+    """``ynn_fusion_types`` for the installed jaxlib; None when ``DIFFJAX_YNN_FUSIONS=0``."""
+    import jaxlib.version  # the version only: importing jaxlib starts no backend
+
+    if not env_enabled(FUSIONS_ENV):
+        return None
+    return ynn_fusion_types(compute_dtype, jaxlib.version.__version__)
+
+
 def compiler_options(compute_dtype: str) -> dict[str, str]:
     """The fusion types as per-program options, ``jax.jit(f, compiler_options=...)``.
 
     For a process that compiles programs of both dtypes (``configure``'s flag is process-wide);
     empty when XLA's default is the faster one or ``DIFFJAX_YNN_FUSIONS=0``.
     """
-    import jaxlib.version  # the version only: importing jaxlib starts no backend
-
-    value = ynn_fusion_types(compute_dtype, jaxlib.version.__version__)
-    if value is None or not env_enabled(FUSIONS_ENV):
-        return {}
-    return {YNN_FLAG.lstrip("-"): value}
+    value = _enabled_fusion_types(compute_dtype)
+    return {} if value is None else {YNN_FLAG.lstrip("-"): value}
 
 
 def configure(compute_dtype: str = "float32") -> list[str]:
@@ -127,15 +132,13 @@ def configure(compute_dtype: str = "float32") -> list[str]:
     started its threads, and nothing changes). ``compute_dtype`` is the model's compute dtype
     (config ``model.dtype``).
     """
-    import jaxlib.version  # the version only: importing jaxlib starts no backend
-
     applied = []
     if configure_memory():
         applied.append("malloc reuses freed memory")
     xla_flags = os.environ.get("XLA_FLAGS", "")
     # An unknown dtype adds nothing here; config validation reports it in one line.
-    if env_enabled(FUSIONS_ENV) and YNN_FLAG not in xla_flags and compute_dtype in YNN_FUSION_TYPES:
-        value = ynn_fusion_types(compute_dtype, jaxlib.version.__version__)
+    if YNN_FLAG not in xla_flags and compute_dtype in YNN_FUSION_TYPES:
+        value = _enabled_fusion_types(compute_dtype)
         if value is not None:
             os.environ["XLA_FLAGS"] = f"{xla_flags} {YNN_FLAG}={value}".strip()
             applied.append(f"{YNN_FLAG}={value}")

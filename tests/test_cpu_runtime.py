@@ -102,7 +102,14 @@ def test_float32_fusion_types_change_no_loss_or_gradient(monkeypatch):
     x = jax.random.normal(kx, (8, 8, 8, 3))  # [B, H, W, C]
     t = jnp.arange(8) * 100
     noise = jax.random.normal(kn, x.shape)
-    params = model.init(kp, x, t, train=False)["params"]
+    # Random leaves everywhere: the zero-initialised output convolutions would make the output
+    # 0 and every gradient but theirs vanish, hiding what the fusions compute.
+    initial = model.init(kp, x, t, train=False)["params"]
+    leaves, tree = jax.tree.flatten(initial)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+    )
 
     def loss(p):
         return jnp.mean(jnp.square(model.apply({"params": p}, x, t, train=False) - noise))
