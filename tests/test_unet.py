@@ -103,27 +103,6 @@ def test_timestep_embedding_matches_float64_formula():
     assert timestep_embedding(jnp.zeros((3,), jnp.int32), 7).shape == (3, 7)
 
 
-@pytest.mark.parametrize(("loc", "channels"), [(3.0, 64), (1000.0, 32)])
-def test_group_norm_matches_float64_reference(loc, channels):
-    rng = np.random.default_rng(0)
-    # Channel means spread by 0.5 inside a group, plus a common offset `loc`: loc=1000 would lose
-    # all precision to cancellation in a naive E[x^2] - E[x]^2 (1e6 * 6e-8 ~ var).
-    x = loc + rng.normal(0.0, 2.0, (2, 4, 4, channels)) + rng.normal(0, 0.5, channels)
-    scale = np.linspace(0.5, 1.5, channels)
-    bias = np.linspace(-1.0, 1.0, channels)
-    params = {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias)}}
-    got = np.asarray(L.GroupNorm(32).apply(params, jnp.asarray(x, jnp.float32)))
-    xg = x.reshape(2, 16, 32, channels // 32)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = xg.var(axis=(1, 3), keepdims=True)
-    ref = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
-    # The affine form x * a + b rounds terms of size |loc| * a: a few float32 ulps of loc
-    # (6e-5 each at loc=1000) -> 4e-7 * loc. A cancelling variance E[x^2] - E[x]^2 would be off
-    # by ~1e6 * 6e-8 / var ~ 1.5% of every value (~3e-2), well above this.
-    atol = 1e-5 + 4e-7 * loc
-    np.testing.assert_allclose(got, ref, atol=atol, rtol=1e-5)
-
-
 def test_dropout_mask_rate_and_independence():
     n = 200_000
     m1 = np.asarray(L.dropout_mask(jax.random.key(0), (n,), 0.1))

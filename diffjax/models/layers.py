@@ -393,45 +393,6 @@ class Conv3x3(nn.Module):
         return (y + bias).astype(self.dtype)
 
 
-class GroupNorm(nn.Module):
-    """Group normalisation (Wu & He 2018 eq. 1-2) with float32 statistics.
-
-    Statistics come from per-channel sums over pixels (a reduction over the non-minor axis,
-    which XLA:CPU vectorises well) combined per group afterwards. The variance is the one-pass
-    E[(x - s)^2] - E[x - s]^2 with a per-(sample, group) shift s (one value of the group), which
-    avoids the cancellation of E[x^2] - E[x]^2 when |mean| >> std. The result is the
-    per-(sample, channel) affine map ``x * a + b``: one elementwise pass in the compute dtype,
-    which XLA fuses with the following swish.
-    """
-
-    num_groups: int
-    dtype: Any = F32
-    epsilon: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, c, g = x.shape[0], x.shape[-1], self.num_groups
-        cg = c // g
-        scale = self.param("scale", nn.initializers.ones, (c,), F32)
-        bias = self.param("bias", zero_init, (c,), F32)
-        xf = x.reshape(b, -1, c).astype(F32)  # [B, HW, C]
-        # Shift: the first pixel of the first channel of each group; stats do not depend on it.
-        shift = jax.lax.stop_gradient(xf[:, 0, ::cg])  # [B, G]
-        xs = xf - jnp.repeat(shift, cg, axis=1)[:, None, :]  # [B, HW, C]
-        n = xf.shape[1] * cg
-        m1 = jnp.sum(xs, axis=1).reshape(b, g, cg).sum(-1) / n  # [B, G]  E[x - s]
-        m2 = jnp.sum(jnp.square(xs), axis=1).reshape(b, g, cg).sum(-1) / n  # E[(x - s)^2]
-        mean = m1 + shift  # [B, G]
-        var = jnp.maximum(m2 - jnp.square(m1), 0.0)
-        inv = jax.lax.rsqrt(var + self.epsilon)  # [B, G]
-        a = scale.reshape(g, cg)[None] * inv[:, :, None]  # [B, G, C/G]
-        bb = bias.reshape(g, cg)[None] - mean[:, :, None] * a
-        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
-        a = a.reshape(shape).astype(self.dtype)
-        bb = bb.reshape(shape).astype(self.dtype)
-        return x.astype(self.dtype) * a + bb
-
-
 def _fmix32(h: jax.Array) -> jax.Array:
     """murmur3's 32-bit finaliser: a bijective hash with full avalanche."""
     h = h ^ (h >> 16)

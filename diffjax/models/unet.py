@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.models import layers as L
+from diffjax.models.normalization import GroupNorm
 
 NUM_GROUPS = 32  # GroupNorm groups, as the paper.
 NORM_EPS = 1e-6  # tf.contrib.layers.group_norm default, used by the reference model.
@@ -93,8 +94,8 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def _norm(dtype: Any, name: str, groups: int = NUM_GROUPS) -> L.GroupNorm:
-    return L.GroupNorm(groups, dtype, NORM_EPS, name=name)
+def _norm(dtype: Any, name: str, groups: int = NUM_GROUPS) -> GroupNorm:
+    return GroupNorm(groups, dtype, NORM_EPS, name=name)
 
 
 class ResnetBlock(nn.Module):

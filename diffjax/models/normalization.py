@@ -1,0 +1,144 @@
+"""Group normalisation (Wu & He 2018) with a hand-written gradient, fast on XLA:CPU.
+
+GroupNorm runs on every activation of the U-Net (twice per residual block), so its memory passes
+count: written naively, XLA:CPU fuses the per-(sample, group) statistics into the full-size
+elementwise loops and recomputes them per element through a [B, G, C/G] -> [B, C] reshape, whose
+index arithmetic keeps the loop from vectorising (a [64, 32, 32, 96] normalise + swish took 5.7 ms
+instead of 1.7 ms). Here every statistic is a per-(sample, channel) [B, C] array that XLA keeps
+materialised (``_group_sum`` is a reduction, which XLA does not duplicate into its consumers), so
+each full-size loop only broadcasts [B, C] operands. The backward pass is the closed form (two
+reductions and one elementwise pass) instead of autodiff's chain through the statistics.
+
+Statistics are float32 whatever the compute dtype; the variance is numerically stable (per-channel
+moments about a per-channel shift, then the law of total variance across the group's channels),
+so it does not cancel when |mean| >> std as E[x^2] - E[x]^2 does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+
+
+def _expand(v: jax.Array, channels: int) -> jax.Array:
+    """[..., G] per-group values -> [..., C], each channel taking its group's value.
+
+    A product with the [G, C] 0/1 group-membership matrix (exact: one term per output) rather
+    than a reshape: XLA keeps a product's result materialised, so the full-size loops that use
+    it read a plain [B, C] array instead of recomputing the [B, G] -> [B, C] expansion per
+    element.
+    """
+    groups = v.shape[-1]
+    member = np.kron(np.eye(groups, dtype=np.float32), np.ones((1, channels // groups), np.float32))
+    return jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
+
+
+def _group_mean(v: jax.Array, groups: int) -> jax.Array:
+    """[B, C] -> [B, G]: mean over each group's channels."""
+    b, c = v.shape
+    return jnp.mean(v.reshape(b, groups, c // groups), axis=-1)
+
+
+def _statistics(
+    xf: jax.Array, groups: int, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Shift s, mean - s and 1/sqrt(var + eps) of each (sample, group), per channel [B, C].
+
+    Wu & He 2018 eq. 1-2: mean and variance over the pixels and channels of a group, for xf
+    [B, HW, C]. The moments are taken about a shift s, one value of the group (its first
+    channel's first pixel), so var = E[(x - s)^2] - E[x - s]^2 does not cancel when
+    |mean| >> std, and mean - s is small and exact enough to use as it is.
+    """
+    hw, c = xf.shape[1], xf.shape[2]
+    shift = _expand(jax.lax.stop_gradient(xf[:, 0, :: c // groups]), c)  # [B, C]
+    xs = xf - shift[:, None, :]  # [B, HW, C]
+    m1 = _group_mean(jnp.sum(xs, axis=1) / hw, groups)  # [B, G]  E[x - s]
+    m2 = _group_mean(jnp.sum(jnp.square(xs), axis=1) / hw, groups)  # E[(x - s)^2]
+    inv = jax.lax.rsqrt(jnp.maximum(m2 - jnp.square(m1), 0.0) + epsilon)
+    centre, inv = _expand(jnp.stack([m1, inv]), c)  # [B, C] each
+    return shift, centre, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float, dtype: Any
+) -> jax.Array:
+    """Group normalisation of x [B, ..., C] (Wu & He 2018 eq. 1-3), result in ``dtype``.
+
+    y = (x - mean_g) / sqrt(var_g + epsilon) * scale + bias, with mean_g and var_g over the
+    spatial positions and the C / groups channels of each (sample, group); scale and bias are
+    float32 [C]; statistics and arithmetic are float32.
+    """
+    return _group_norm_fwd(x, scale, bias, groups, epsilon, dtype)[0]
+
+
+def _bcast(v: jax.Array, ndim: int) -> jax.Array:
+    """[B, C] -> [B, 1, ..., 1, C] for an ndim-dimensional activation."""
+    return v.reshape((v.shape[0],) + (1,) * (ndim - 2) + (v.shape[1],))
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, dtype):
+    b, c = x.shape[0], x.shape[-1]
+    shift, centre, inv = _statistics(x.reshape(b, -1, c).astype(F32), groups, epsilon)
+    a = scale * inv  # [B, C]
+    # y = (x - s) a + (bias - (mean - s) a): x - s is exact for x near s, unlike x a - mean a.
+    xs = x.astype(F32) - _bcast(shift, x.ndim)
+    y = xs * _bcast(a, x.ndim) + _bcast(bias - centre * a, x.ndim)
+    return y.astype(dtype), (x, scale, shift, centre, inv)
+
+
+def _group_norm_bwd(groups, epsilon, dtype, res, dy):
+    """Closed-form gradient (as for batch norm, Ioffe & Szegedy 2015 sec. 3, per group).
+
+    With xhat = (x - mean) r and g = dy * scale: dx = r (g - mean_G(g) - xhat mean_G(g xhat)),
+    dscale = sum dy xhat, dbias = sum dy; mean_G is over the pixels and channels of a group.
+    """
+    x, scale, shift, centre, inv = res
+    b, c = x.shape[0], x.shape[-1]
+    hw = x.size // (b * c)
+    xs = x.reshape(b, hw, c).astype(F32) - shift[:, None, :]  # [B, HW, C]
+    dyf = dy.reshape(b, hw, c).astype(F32)
+    sum_dy = jnp.sum(dyf, axis=1)  # [B, C]
+    sum_dyx = jnp.sum(dyf * xs, axis=1) - centre * sum_dy  # [B, C]  sum dy (x - mean)
+    dbias = jnp.sum(sum_dy, axis=0)
+    dscale = jnp.sum(inv * sum_dyx, axis=0)
+    # mean_G(g) and mean_G(g xhat), per channel.
+    e1, e2 = _expand(
+        jnp.stack([_group_mean(scale * sum_dy, groups), _group_mean(scale * inv * sum_dyx, groups)])
+        / hw,
+        c,
+    )
+    # dx = dy (scale r) + (x - s) p + q, expanding xhat = ((x - s) - (mean - s)) r.
+    p = -inv * inv * e2
+    q = -inv * e1 - p * centre
+    dx = (
+        dy.astype(F32) * _bcast(scale * inv, x.ndim)
+        + xs.reshape(x.shape) * _bcast(p, x.ndim)
+        + _bcast(q, x.ndim)
+    )
+    return dx.astype(x.dtype), dscale, dbias
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation layer (``group_norm``) with float32 ``scale`` and ``bias`` [C]."""
+
+    num_groups: int
+    dtype: Any = F32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), F32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), F32)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
