@@ -177,6 +177,45 @@ def _tile_rows(x: jax.Array, axis: int) -> jax.Array:
     return jnp.stack([e0 - e1, o0 + e1, e1 - o0, o0 - o1])
 
 
+def _untile_rows(t: jax.Array, axis: int) -> jax.Array:
+    """Transpose of ``_tile_rows``: [4, ...] with n windows along ``axis`` + 1 -> 2n + 2 entries.
+
+    Entry k of window i sits at 2i + k and receives column k of B^T applied to the window's four
+    rows: k=0: t0, k=1: t1 - t2 + t3, k=2: t1 + t2 - t0, k=3: -t3. Even entries 2j collect k=0
+    of window j and k=2 of window j - 1; odd entries likewise k=1 and k=3.
+    """
+    t0, t1, t2, t3 = t[0], t[1], t[2], t[3]
+
+    def shifted(a: jax.Array, lo: int) -> jax.Array:  # n -> n + 1 entries, offset by lo
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (lo, 1 - lo)
+        return jnp.pad(a, widths)
+
+    even = shifted(t0, 0) + shifted(t1 + t2 - t0, 1)
+    odd = shifted(t1 - t2 + t3, 0) - shifted(t3, 1)
+    x = jnp.stack([even, odd], axis + 1)  # [..., n + 1, 2, ...]
+    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+
+
+def _output_transpose(g: jax.Array, dtype: Any) -> jax.Array:
+    """Transpose of ``winograd_output``: [B, H, W, O] -> A g A^T per tile, [16, N, O] in dtype.
+
+    A = [[1, 0], [1, 1], [1, -1], [0, -1]]: a 2-vector (a0, a1) maps to (a0, a0 + a1, a0 - a1,
+    -a1), first over the rows of each 2x2 output tile, then over its columns.
+    """
+    b, h, w, o = g.shape
+    phases = g.reshape(b, h // 2, 2, w // 2, 2, o)
+    dy = [[phases[:, :, p, :, q] for q in (0, 1)] for p in (0, 1)]  # [row phase][col phase]
+
+    def a_map(a0: jax.Array, a1: jax.Array) -> list[jax.Array]:
+        return [a0, a0 + a1, a0 - a1, -a1]
+
+    rows = [a_map(dy[0][q], dy[1][q]) for q in (0, 1)]  # [col phase][row r]
+    cols = [a_map(rows[0][r], rows[1][r]) for r in range(4)]  # [row r][col c]
+    m = jnp.stack([jnp.stack([cols[r][c] for r in range(4)]) for c in range(4)])  # [c, r, ...]
+    return m.reshape(16, -1, o).astype(dtype)
+
+
 # The 16 transformed entries of a tile are ordered column-major, (column, row), in all three
 # transforms: the order in which the input transform produces them, so nothing is transposed.
 
@@ -240,20 +279,17 @@ def _winograd_fwd(x, kernel, dtype):
 
 def _winograd_bwd(dtype, res, g):
     x, kernel = res
-    n = x.shape[0] * (x.shape[1] // 2) * (x.shape[2] // 2)
-    # The transforms are linear: their transposes carry the gradient back (float32).
-    (dm,) = jax.linear_transpose(
-        lambda m: winograd_output(m, x.shape[:3]),
-        jax.ShapeDtypeStruct((16, n, kernel.shape[-1]), F32),
-    )(g.astype(F32))
-    dm = dm.astype(dtype)  # [16, N, O]
+    b, h, w, _ = x.shape
+    # The transforms are linear: their transposes carry the gradient back (float32 sums).
+    dm = _output_transpose(g.astype(F32), dtype)  # [16, N, O]
     v = winograd_input(x)  # [16, N, C], recomputed: 4x the input is not kept between passes
     u = winograd_kernel(kernel).astype(dtype)
-    dv = _dg(dm, u, (2,), (2,), batch=True)  # [16, N, C]
-    (dx,) = jax.linear_transpose(winograd_input, jax.ShapeDtypeStruct(x.shape, F32))(dv)
+    dv = _dg(dm, u, (2,), (2,), batch=True)  # float32 [16, N, C]
+    dv = dv.reshape(4, 4, b, h // 2, w // 2, -1)  # [cols, rows, B, H/2, W/2, C]
+    dxp = _untile_rows(_untile_rows(dv, 3), 1)  # [B, H + 2, W + 2, C], padded
     du = _dg(v, dm, (1,), (1,), batch=True)  # [16, C, O]
     (dk,) = jax.linear_transpose(winograd_kernel, jax.ShapeDtypeStruct(kernel.shape, F32))(du)
-    return dx.astype(x.dtype), dk
+    return dxp[:, 1:-1, 1:-1].astype(x.dtype), dk
 
 
 conv3x3_winograd.defvjp(_winograd_fwd, _winograd_bwd)
