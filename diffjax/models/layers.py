@@ -10,8 +10,8 @@ would. 3x3 convolutions with >= 128 channels on maps of >= 16x16 run as Winograd
 carry a custom VJP, which in bfloat16 compute sums the kernel gradient over cache-sized batch
 chunks.
 
-Modules mirror flax.linen.Dense / Conv / GroupNorm parameter names and shapes ("kernel", "bias",
-"scale"), so parameter trees are interchangeable with the flax layers.
+Modules mirror flax.linen.Dense / Conv parameter names and shapes ("kernel", "bias"), so
+parameter trees are interchangeable with the flax layers (GroupNorm: ``normalization.py``).
 """
 
 from __future__ import annotations
