@@ -197,25 +197,6 @@ def _untile_rows(t: jax.Array, axis: int) -> jax.Array:
     return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
 
 
-def _output_transpose(g: jax.Array, dtype: Any) -> jax.Array:
-    """Transpose of ``winograd_output``: [B, H, W, O] -> A g A^T per tile, [16, N, O] in dtype.
-
-    A = [[1, 0], [1, 1], [1, -1], [0, -1]]: a 2-vector (a0, a1) maps to (a0, a0 + a1, a0 - a1,
-    -a1), first over the rows of each 2x2 output tile, then over its columns.
-    """
-    b, h, w, o = g.shape
-    phases = g.reshape(b, h // 2, 2, w // 2, 2, o)
-    dy = [[phases[:, :, p, :, q] for q in (0, 1)] for p in (0, 1)]  # [row phase][col phase]
-
-    def a_map(a0: jax.Array, a1: jax.Array) -> list[jax.Array]:
-        return [a0, a0 + a1, a0 - a1, -a1]
-
-    rows = [a_map(dy[0][q], dy[1][q]) for q in (0, 1)]  # [col phase][row r]
-    cols = [a_map(rows[0][r], rows[1][r]) for r in range(4)]  # [row r][col c]
-    m = jnp.stack([jnp.stack([cols[r][c] for r in range(4)]) for c in range(4)])  # [c, r, ...]
-    return m.reshape(16, -1, o).astype(dtype)
-
-
 # The 16 transformed entries of a tile are ordered column-major, (column, row), in all three
 # transforms: the order in which the input transform produces them, so nothing is transposed.
 
@@ -254,6 +235,25 @@ def winograd_output(m: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
     y = [[q[0] + q[1] + q[2], q[1] - q[2] - q[3]] for q in r]  # then over columns
     y = jnp.stack([jnp.stack(y[0], 3), jnp.stack(y[1], 3)], 2)  # [B, H/2, 2, W/2, 2, O]
     return y.reshape(b, h, w, -1)
+
+
+def _output_transpose(g: jax.Array, dtype: Any) -> jax.Array:
+    """Transpose of ``winograd_output``: [B, H, W, O] -> A g A^T per tile, [16, N, O] in dtype.
+
+    A = [[1, 0], [1, 1], [1, -1], [0, -1]]: a 2-vector (a0, a1) maps to (a0, a0 + a1, a0 - a1,
+    -a1), first over the rows of each 2x2 output tile, then over its columns.
+    """
+    b, h, w, o = g.shape
+    phases = g.reshape(b, h // 2, 2, w // 2, 2, o)
+    dy = [[phases[:, :, p, :, q] for q in (0, 1)] for p in (0, 1)]  # [row phase][col phase]
+
+    def a_map(a0: jax.Array, a1: jax.Array) -> list[jax.Array]:
+        return [a0, a0 + a1, a0 - a1, -a1]
+
+    rows = [a_map(dy[0][q], dy[1][q]) for q in (0, 1)]  # [col phase][row r]
+    cols = [a_map(rows[0][r], rows[1][r]) for r in range(4)]  # [row r][col c]
+    m = jnp.stack([jnp.stack([cols[r][c] for r in range(4)]) for c in range(4)])  # [c, r, ...]
+    return m.reshape(16, -1, o).astype(dtype)
 
 
 def _winograd(x: jax.Array, u: jax.Array) -> jax.Array:
