@@ -61,6 +61,7 @@ from absl import flags
 from diffjax.datasets import DatasetSpec, get_dataset_spec
 from diffjax.datasets.preprocess import crop_and_resize, to_model_range
 from diffjax.datasets.sources import DatasetNotPreparedError, open_split, resolve_data_dir
+from diffjax.default_config import CACHE_MAX_MB
 
 __all__ = [
     "DatasetNotPreparedError",
@@ -78,9 +79,6 @@ _FLIP_STREAM = 1
 # Grain's MapDataset.shuffle uses 4 Feistel rounds as well.
 _FEISTEL_ROUNDS = 4
 _LOAD_CHUNK = 256
-# Training splits whose decoded images fit in this many MiB are decoded once, at the start
-# (config.data.cache_max_mb; CIFAR-10's 50,000 x 32 x 32 x 3 take 146 MiB).
-DEFAULT_CACHE_MAX_MB = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +331,7 @@ def create_train_iterator(
             f"batch size {global_batch} exceeds the {len(reader)} examples of "
             f"'{config.data.name}' split '{config.data.train_split}'; allowed: <= {len(reader)}"
         )
-    max_mb = config.data.get("cache_max_mb", DEFAULT_CACHE_MAX_MB)
+    max_mb = config.data.get("cache_max_mb", CACHE_MAX_MB)
     reader = _cached_if_small(reader, max_mb, num_threads)
     make_batch = functools.partial(
         _train_batch,

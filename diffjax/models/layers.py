@@ -384,19 +384,21 @@ def conv3x3_algorithm(
     return "xla"
 
 
-def _xla_chunked(x: jax.Array, kernel: jax.Array, strides: int, dtype: Any) -> jax.Array:
+def _xla_chunked(
+    x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, platform: str
+) -> jax.Array:
     # Chunked kernel gradients pay off under XLA's default YNNPACK convolutions (kept for
     # bfloat16 on CPU); float32 runs under cpu_runtime's fusions, where one call is faster.
     bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
-    cpu = jax.default_backend() == "cpu"
+    cpu = platform == "cpu"
     chunks = kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 and cpu else 1
     return conv3x3_xla(x, kernel, strides, dtype, chunks)
 
 
-# algorithm -> (x, kernel, strides, dtype) -> float32 [B, H', W', O]
+# algorithm -> (x, kernel, strides, dtype, platform) -> float32 [B, H', W', O]
 _CONV3X3 = {
-    "winograd": lambda x, kernel, strides, dtype: conv3x3_winograd(x, kernel, dtype),
-    "dots": lambda x, kernel, strides, dtype: conv3x3_dots(x, kernel, dtype),
+    "winograd": lambda x, kernel, strides, dtype, platform: conv3x3_winograd(x, kernel, dtype),
+    "dots": lambda x, kernel, strides, dtype, platform: conv3x3_dots(x, kernel, dtype),
     "xla": _xla_chunked,
 }
 
@@ -431,10 +433,9 @@ class Conv3x3(nn.Module):
         kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features), F32)
         bias = self.param("bias", zero_init, (self.features,), F32)
         x = x.astype(self.dtype)
-        algorithm = conv3x3_algorithm(
-            x.shape, self.features, self.strides, self.dtype, jax.default_backend()
-        )
-        y = _CONV3X3[algorithm](x, kernel, self.strides, self.dtype)  # float32
+        platform = jax.default_backend()
+        algorithm = conv3x3_algorithm(x.shape, self.features, self.strides, self.dtype, platform)
+        y = _CONV3X3[algorithm](x, kernel, self.strides, self.dtype, platform)  # float32
         return (y + bias).astype(self.dtype)
 
 
