@@ -70,7 +70,7 @@ def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple:
     algorithm = layers.conv3x3_algorithm(xs, o, sh, jnp.float32, "cpu")
 
     def conv(x, k):
-        return layers._CONV3X3[algorithm](x, k, sh, jnp.float32)
+        return layers._CONV3X3[algorithm](x, k, sh, jnp.float32, "cpu")
 
     x = jax.random.normal(jax.random.key(0), xs)
     k = jax.random.normal(jax.random.key(1), ks) * 0.05
