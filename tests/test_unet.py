@@ -248,7 +248,9 @@ def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
     assert L.use_winograd((16, 32, 32, 128), 128)
     assert L.use_winograd((1, 16, 16, 512), 256)
     assert not L.use_winograd((16, 8, 8, 256), 256)  # small maps: XLA's kernel
-    assert not L.use_winograd((16, 32, 32, 64), 128)  # narrow input
+    assert L.use_winograd((64, 16, 16, 64), 64)
+    assert not L.use_winograd((16, 32, 32, 32), 128)  # narrow input
+    assert not L.use_winograd((64, 32, 32, 64), 32)  # narrow output
     assert not L.use_winograd((16, 32, 32, 256), 3)  # narrow output (conv_out)
     assert not L.use_winograd((16, 18, 17, 128), 128)  # odd width: no 2x2 tiling
     # The module with a Winograd-sized input computes the convolution plus bias.

@@ -5,7 +5,7 @@ in the compute dtype and accumulates in float32 (``preferred_element_type``), fo
 backward: JAX's default transpose rules would run the backward products of a bfloat16 product on
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
-would. 3x3 convolutions with >= 128 channels on maps of >= 16x16 run as Winograd F(2x2, 3x3)
+would. 3x3 convolutions with >= 64 channels on maps of >= 16x16 run as Winograd F(2x2, 3x3)
 (``conv3x3_winograd``: 2.25x fewer multiplications); XLA's convolutions (``conv3x3_xla``) also
 carry a custom VJP, which in bfloat16 compute sums the kernel gradient over cache-sized batch
 chunks.
@@ -297,9 +297,10 @@ conv3x3_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 # Where Winograd beats XLA's convolution in the whole train step (bench/README.md): from 16x16
 # pixels up (the padded border and the transforms cost relatively more on smaller maps), with at
-# least this many input and output channels (narrower layers: faster alone, not in the step).
+# least this many input and output channels (at 32 the products are too thin to pay for the
+# transforms: slower alone and in the step).
 WINOGRAD_MIN_SIZE = 16
-WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_CHANNELS = 64
 
 
 def use_winograd(shape: tuple[int, ...], features: int) -> bool:
