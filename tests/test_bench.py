@@ -1,0 +1,52 @@
+"""The benchmarks in bench/ run end to end (tiny sizes): they are not timed tests, but a script
+that no longer runs against the library is a broken measurement. Each runs as a subprocess,
+as a user would start it, and must print its result line."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(script, *args, timeout=600):
+    # A fresh process: the benchmarks set up XLA:CPU themselves, with the real device count.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", script), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+CASES = {
+    "vs_torch": (
+        ["vs_torch.py", "--workload=digits", "--batch=4", "--runs=1", "--warmup=1"],
+        r"jax float32 +step: median [\d.]+ s, .* speedup vs torch [\d.]+x",
+    ),
+    "unet_train_step": (
+        ["unet_train_step.py", "--workloads=digits", "--batches=4", "--dtypes=float32", "--runs=1"],
+        r"digits +4 float32 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +\d+ +\d+",
+    ),
+    "sampling": (
+        ["sampling.py", "--workload=digits", "--batch=2", "--ddpm-steps=10", "--ddim-steps=5"],
+        r"ddim: 5 steps, median [\d.]+ s .* scan overhead -?[\d.]+% of a forward(.|\n)*"
+        r"DDPM-10 / DDIM-5 wall ratio [\d.]+x",
+    ),
+    "conv_layers": (
+        ["conv_layers.py", "--workload=digits", "--batch=2", "--runs=1"],
+        r"all convolutions of one train step \(forward \+ backward\): diffjax [\d.]+ s, "
+        r"torch [\d.]+ s, torch/diffjax [\d.]+x",
+    ),
+}
+
+
+@pytest.mark.slow  # subprocesses that compile a U-Net and build its torch twin
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_and_reports(name):
+    args, pattern = CASES[name]
+    res = _bench(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert re.search(pattern, res.stdout), res.stdout[-3000:]
