@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from diffjax import cpu_runtime
-from diffjax.models import layers
+from diffjax.models import winograd
 from diffjax.models.unet import UNet
 
 # Before any JAX computation, as train.py does (diffjax/cpu_runtime.py). The YNNPACK fusion types
@@ -123,13 +123,13 @@ def model_flops(model: UNet, *args) -> float:
     are reported in the model's FLOPs so that they compare with torch's and across versions.
     (The lowered program's count is within 0.3% of the compiled one's.)
     """
-    saved = layers.WINOGRAD_MIN_CHANNELS
-    layers.WINOGRAD_MIN_CHANNELS = sys.maxsize  # a fresh jit below, so a fresh trace
+    saved = winograd.WINOGRAD_MIN_CHANNELS
+    winograd.WINOGRAD_MIN_CHANNELS = sys.maxsize  # a fresh jit below, so a fresh trace
     try:
         step, _ = make_train_step(model)
         cost = step.lower(*args).cost_analysis()
     finally:
-        layers.WINOGRAD_MIN_CHANNELS = saved
+        winograd.WINOGRAD_MIN_CHANNELS = saved
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from common import WORKLOADS, environment, make_model, median_seconds  # noqa: E402
 
 from diffjax import cpu_runtime  # noqa: E402
-from diffjax.models import init_params, layers  # noqa: E402
+from diffjax.models import init_params, layers, winograd  # noqa: E402
 
 
 def conv_shapes(name: str, batch: int) -> collections.Counter:
@@ -37,11 +37,11 @@ def conv_shapes(name: str, batch: int) -> collections.Counter:
     params = init_params(model, jax.random.key(0), size, channels)
     x = jnp.zeros((batch, size, size, channels))
     t = jnp.zeros((batch,), jnp.int32)
-    saved, layers.WINOGRAD_MIN_CHANNELS = layers.WINOGRAD_MIN_CHANNELS, sys.maxsize
+    saved, winograd.WINOGRAD_MIN_CHANNELS = winograd.WINOGRAD_MIN_CHANNELS, sys.maxsize
     try:  # every 3x3 convolution as conv_general_dilated
         jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
     finally:
-        layers.WINOGRAD_MIN_CHANNELS = saved
+        winograd.WINOGRAD_MIN_CHANNELS = saved
     found = collections.Counter()
 
     def visit(jpr):

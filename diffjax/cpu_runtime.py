@@ -22,7 +22,7 @@ computed, only how fast (the tests compare gradients and losses with and without
    REDUCE). For float32 compute, YNNPACK fusions of products and convolutions with their
    elementwise neighbours (DOT) and of reductions (REDUCE) are faster, while XLA's own loops
    stay faster for elementwise chains (YNNPACK's ELTWISE fusions run the slicing and stacking
-   of the Winograd transforms, ``diffjax.models.layers``, 3-4x slower); for bfloat16 compute
+   of the Winograd transforms, ``diffjax.models.winograd``, 3-4x slower); for bfloat16 compute
    the default is (its 8x8 and 4x4 convolutions are nine bfloat16 products, which the DOT
    fusion slows down). The flag is only added for the jaxlib versions
    it was measured on, and never over one already in ``XLA_FLAGS``; ``DIFFJAX_YNN_FUSIONS=0``

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from diffjax.models import create_model, init_params
 from diffjax.models import layers as L
+from diffjax.models import winograd as W
 from diffjax.models.unet import AttnBlock, ResnetBlock, UNet, timestep_embedding
 
 # Smallest model that still has two levels, a downsample/upsample pair and attention at 4x4.
@@ -206,7 +207,7 @@ def _conv3x3_grads_f64(x, w, g):
 
 @functools.partial(jax.jit, static_argnums=3)
 def _winograd_and_vjp(x, w, g, dtype):
-    out, vjp = jax.vjp(lambda a, b: L.conv3x3_winograd(a, b, dtype), x.astype(dtype), w)
+    out, vjp = jax.vjp(lambda a, b: W.conv3x3_winograd(a, b, dtype), x.astype(dtype), w)
     return (out, *vjp(g))
 
 
@@ -245,14 +246,14 @@ def test_winograd_convolution_and_its_gradients_match_float64(
 
 
 def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
-    assert L.use_winograd((16, 32, 32, 128), 128)
-    assert L.use_winograd((1, 16, 16, 512), 256)
-    assert not L.use_winograd((16, 8, 8, 256), 256)  # small maps: XLA's kernel
-    assert L.use_winograd((64, 16, 16, 64), 64)
-    assert not L.use_winograd((16, 32, 32, 32), 128)  # narrow input
-    assert not L.use_winograd((64, 32, 32, 64), 32)  # narrow output
-    assert not L.use_winograd((16, 32, 32, 256), 3)  # narrow output (conv_out)
-    assert not L.use_winograd((16, 18, 17, 128), 128)  # odd width: no 2x2 tiling
+    assert W.use_winograd((16, 32, 32, 128), 128)
+    assert W.use_winograd((1, 16, 16, 512), 256)
+    assert not W.use_winograd((16, 8, 8, 256), 256)  # small maps: XLA's kernel
+    assert W.use_winograd((64, 16, 16, 64), 64)
+    assert not W.use_winograd((16, 32, 32, 32), 128)  # narrow input
+    assert not W.use_winograd((64, 32, 32, 64), 32)  # narrow output
+    assert not W.use_winograd((16, 32, 32, 256), 3)  # narrow output (conv_out)
+    assert not W.use_winograd((16, 18, 17, 128), 128)  # odd width: no 2x2 tiling
     # The module with a Winograd-sized input computes the convolution plus bias.
     conv = L.Conv3x3(features=128)
     x = jax.random.normal(jax.random.key(7), (1, 16, 16, 128))

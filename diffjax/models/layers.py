@@ -6,9 +6,9 @@ backward: JAX's default transpose rules would run the backward products of a bfl
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
 would. 3x3 convolutions with >= 64 channels on maps of >= 16x16 run as Winograd F(2x2, 3x3)
-(``conv3x3_winograd``: 2.25x fewer multiplications); XLA's convolutions (``conv3x3_xla``) also
-carry a custom VJP, which in bfloat16 compute sums the kernel gradient over cache-sized batch
-chunks.
+(``diffjax.models.winograd``: 2.25x fewer multiplications); XLA's convolutions
+(``conv3x3_xla``) also carry a custom VJP, which in bfloat16 compute sums the kernel gradient
+over cache-sized batch chunks.
 
 Modules mirror flax.linen.Dense / Conv parameter names and shapes ("kernel", "bias"), so
 parameter trees are interchangeable with the flax layers (GroupNorm: ``normalization.py``).
@@ -22,6 +22,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from diffjax.models import winograd
 
 F32 = jnp.float32
 
@@ -152,168 +154,6 @@ def _conv_bwd(dtype, res, g):
 
 conv3x3_dots.defvjp(_conv_fwd, _conv_bwd)
 
-# --- Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
-# eq. 8): every 4x4 input tile d (stride 2) gives a 2x2 output tile
-#     Y = A^T [(G g G^T) * (B^T d B)] A,
-# so a 3x3 convolution becomes 16 independent [N, C] x [C, O] products (N = B H W / 4), 2.25x fewer
-# multiplications than the direct form, plus transforms that only add and subtract.
-# B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] and A^T = [[1, 1, 1, 0],
-# [0, 1, -1, -1]] and G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] are written
-# out as additions below.
-
-
-def _tile_rows(x: jax.Array, axis: int) -> jax.Array:
-    """B^T applied along ``axis`` to the overlapping 4-wide windows at even offsets.
-
-    ``x`` has 2n + 2 entries along ``axis`` (padded); returns [4, ...] with n entries there: rows
-    d0 - d2, d1 + d2, d2 - d1, d1 - d3 of every window (even/odd phases, so no gather).
-    """
-    n = x.shape[axis] // 2 - 1
-    phases = x.reshape(*x.shape[:axis], n + 1, 2, *x.shape[axis + 1 :])
-    even = jax.lax.index_in_dim(phases, 0, axis + 1, keepdims=False)  # d0 of window i is even[i]
-    odd = jax.lax.index_in_dim(phases, 1, axis + 1, keepdims=False)
-    e0, e1 = (jax.lax.slice_in_dim(even, s, s + n, axis=axis) for s in (0, 1))  # d0, d2
-    o0, o1 = (jax.lax.slice_in_dim(odd, s, s + n, axis=axis) for s in (0, 1))  # d1, d3
-    return jnp.stack([e0 - e1, o0 + e1, e1 - o0, o0 - o1])
-
-
-def _untile_rows(t: jax.Array, axis: int) -> jax.Array:
-    """Transpose of ``_tile_rows``: [4, ...] with n windows along ``axis`` + 1 -> 2n + 2 entries.
-
-    Entry k of window i sits at 2i + k and receives column k of B^T applied to the window's four
-    rows: k=0: t0, k=1: t1 - t2 + t3, k=2: t1 + t2 - t0, k=3: -t3. Even entries 2j collect k=0
-    of window j and k=2 of window j - 1; odd entries likewise k=1 and k=3.
-    """
-    t0, t1, t2, t3 = t[0], t[1], t[2], t[3]
-
-    def shifted(a: jax.Array, lo: int) -> jax.Array:  # n -> n + 1 entries, offset by lo
-        widths = [(0, 0)] * a.ndim
-        widths[axis] = (lo, 1 - lo)
-        return jnp.pad(a, widths)
-
-    even = shifted(t0, 0) + shifted(t1 + t2 - t0, 1)
-    odd = shifted(t1 - t2 + t3, 0) - shifted(t3, 1)
-    x = jnp.stack([even, odd], axis + 1)  # [..., n + 1, 2, ...]
-    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
-
-
-# The 16 transformed entries of a tile are ordered column-major, (column, row), in all three
-# transforms: the order in which the input transform produces them, so nothing is transposed.
-
-
-def winograd_input(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] (H, W even) -> B^T d B of every tile: [16, B * H/2 * W/2, C], same dtype."""
-    b, h, w, c = x.shape
-    xp = _pad1(x)  # [B, H+2, W+2, C]
-    rows = _tile_rows(xp, 1)  # [4, B, H/2, W+2, C]
-    tiles = _tile_rows(rows, 3)  # [4 (cols), 4 (rows), B, H/2, W/2, C]
-    return tiles.reshape(16, b * (h // 2) * (w // 2), c)
-
-
-def _g_rows(k: jax.Array) -> jax.Array:
-    """G along the leading axis (3 taps -> 4): g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2."""
-    half = 0.5 * (k[0] + k[2])
-    return jnp.stack([k[0], half + 0.5 * k[1], half - 0.5 * k[1], k[2]])
-
-
-def winograd_kernel(kernel: jax.Array) -> jax.Array:
-    """[3, 3, C, O] -> G g G^T: [16, C, O] (float32), entries ordered (column, row).
-
-    Written as additions: as an einsum with 3x4 matrices XLA:CPU ran it as a product with 3-long
-    rows, 2-8 ms per CIFAR-10 kernel instead of a memory-bound pass.
-    """
-    rows = _g_rows(kernel.astype(F32))  # [4 (rows), 3, C, O]
-    cols = _g_rows(jnp.moveaxis(rows, 1, 0))  # [4 (cols), 4 (rows), C, O]
-    return cols.reshape(16, *kernel.shape[2:])
-
-
-def winograd_output(m: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
-    """[16, N, O] -> A^T m A per tile, as the image [B, H, W, O] (``shape`` = (B, H, W))."""
-    b, h, w = shape
-    m = m.reshape(4, 4, b, h // 2, w // 2, m.shape[-1])  # [col, row, ...]
-    r = [m[:, 0] + m[:, 1] + m[:, 2], m[:, 1] - m[:, 2] - m[:, 3]]  # A^T over rows: [4 cols, ...]
-    y = [[q[0] + q[1] + q[2], q[1] - q[2] - q[3]] for q in r]  # then over columns
-    y = jnp.stack([jnp.stack(y[0], 3), jnp.stack(y[1], 3)], 2)  # [B, H/2, 2, W/2, 2, O]
-    return y.reshape(b, h, w, -1)
-
-
-def _output_transpose(g: jax.Array, dtype: Any) -> jax.Array:
-    """Transpose of ``winograd_output``: [B, H, W, O] -> A g A^T per tile, [16, N, O] in dtype.
-
-    A = [[1, 0], [1, 1], [1, -1], [0, -1]]: a 2-vector (a0, a1) maps to (a0, a0 + a1, a0 - a1,
-    -a1), first over the rows of each 2x2 output tile, then over its columns.
-    """
-    b, h, w, o = g.shape
-    phases = g.reshape(b, h // 2, 2, w // 2, 2, o)
-    dy = [[phases[:, :, p, :, q] for q in (0, 1)] for p in (0, 1)]  # [row phase][col phase]
-
-    def a_map(a0: jax.Array, a1: jax.Array) -> list[jax.Array]:
-        return [a0, a0 + a1, a0 - a1, -a1]
-
-    rows = [a_map(dy[0][q], dy[1][q]) for q in (0, 1)]  # [col phase][row r]
-    cols = [a_map(rows[0][r], rows[1][r]) for r in range(4)]  # [row r][col c]
-    m = jnp.stack([jnp.stack([cols[r][c] for r in range(4)]) for c in range(4)])  # [c, r, ...]
-    return m.reshape(16, -1, o).astype(dtype)
-
-
-def _winograd(x: jax.Array, u: jax.Array) -> jax.Array:
-    v = winograd_input(x)  # [16, N, C]
-    return winograd_output(_dg(v, u, (2,), (1,), batch=True), x.shape[:3])  # f32 [B, H, W, O]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_winograd(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
-    """3x3 SAME stride-1 convolution by Winograd F(2x2, 3x3); float32 [B, H, W, O], H and W even.
-
-    Products take ``dtype`` operands (the transformed input and kernel) and accumulate in
-    float32. Rounding: the transforms add at most 4 inputs and 9 kernel taps with weights
-    +-1, +-1/2 (exact in binary), so float32 results differ from the direct form by a few ulps
-    of the largest tile value (measured < 1e-6 relative).
-    """
-    return _winograd(x, winograd_kernel(kernel).astype(dtype))
-
-
-def _winograd_fwd(x, kernel, dtype):
-    return conv3x3_winograd(x, kernel, dtype), (x, kernel)
-
-
-def _winograd_bwd(dtype, res, g):
-    x, kernel = res
-    b, h, w, _ = x.shape
-    # The transforms are linear: their transposes carry the gradient back (float32 sums).
-    dm = _output_transpose(g.astype(F32), dtype)  # [16, N, O]
-    v = winograd_input(x)  # [16, N, C], recomputed: 4x the input is not kept between passes
-    u = winograd_kernel(kernel).astype(dtype)
-    dv = _dg(dm, u, (2,), (2,), batch=True)  # float32 [16, N, C]
-    dv = dv.reshape(4, 4, b, h // 2, w // 2, -1)  # [cols, rows, B, H/2, W/2, C]
-    dxp = _untile_rows(_untile_rows(dv, 3), 1)  # [B, H + 2, W + 2, C], padded
-    du = _dg(v, dm, (1,), (1,), batch=True)  # [16, C, O]
-    (dk,) = jax.linear_transpose(winograd_kernel, jax.ShapeDtypeStruct(kernel.shape, F32))(du)
-    return dxp[:, 1:-1, 1:-1].astype(x.dtype), dk
-
-
-conv3x3_winograd.defvjp(_winograd_fwd, _winograd_bwd)
-
-
-# Where Winograd beats XLA's convolution in the whole train step (bench/README.md): from 16x16
-# pixels up (the padded border and the transforms cost relatively more on smaller maps), with at
-# least this many input and output channels (at 32 the products are too thin to pay for the
-# transforms: slower alone and in the step).
-WINOGRAD_MIN_SIZE = 16
-WINOGRAD_MIN_CHANNELS = 64
-
-
-def use_winograd(shape: tuple[int, ...], features: int) -> bool:
-    """Whether a stride-1 3x3 convolution of a [B, H, W, C] input runs as Winograd F(2x2, 3x3)."""
-    _, h, w, c = shape
-    return (
-        min(h, w) >= WINOGRAD_MIN_SIZE
-        and h % 2 == 0
-        and w % 2 == 0
-        and min(c, features) >= WINOGRAD_MIN_CHANNELS
-    )
-
-
 # XLA:CPU's YNNPACK kernel-gradient convolution (its default for 3x3 convolutions, which bfloat16
 # compute keeps; diffjax/cpu_runtime.py) slows down per FLOP once the activations it contracts
 # outgrow the caches: measured on [32, 32, 32, 128] -> 128, one call takes 112 ms, sixteen calls
@@ -371,13 +211,13 @@ def conv3x3_algorithm(
 ) -> str:
     """How ``Conv3x3`` computes a 3x3 convolution of a [B, H, W, C] input on ``platform``.
 
-    "winograd" (``conv3x3_winograd``), "dots" (nine bfloat16 products, ``conv3x3_dots``) or
+    "winograd" (``winograd.conv3x3_winograd``), "dots" (nine bfloat16 products, ``conv3x3_dots``) or
     "xla" (``conv3x3_xla``). The first two are for XLA:CPU; GPUs and TPUs get XLA's convolution,
     for which cuDNN and the TPU compiler choose their own algorithms.
     """
     if platform != "cpu":
         return "xla"
-    if strides == 1 and use_winograd(shape, features):
+    if strides == 1 and winograd.use_winograd(shape, features):
         return "winograd"
     bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
     if bf16 and strides == 1 and shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS:
@@ -398,7 +238,9 @@ def _xla_chunked(
 
 # algorithm -> (x, kernel, strides, dtype, platform) -> float32 [B, H', W', O]
 _CONV3X3 = {
-    "winograd": lambda x, kernel, strides, dtype, platform: conv3x3_winograd(x, kernel, dtype),
+    "winograd": lambda x, kernel, strides, dtype, platform: winograd.conv3x3_winograd(
+        x, kernel, dtype
+    ),
     "dots": lambda x, kernel, strides, dtype, platform: conv3x3_dots(x, kernel, dtype),
     "xla": _xla_chunked,
 }

@@ -40,7 +40,8 @@ Normalisation always uses 32 groups (the paper's value), so every channel count 
 computed in float32 whatever the compute dtype. Parameters are always float32; ``dtype`` only sets
 the compute dtype of convolutions, dense layers and attention (products accumulate in float32,
 softmax in float32); the output is cast back to float32. The layers themselves (and why they are
-written the way they are: speed on XLA:CPU) are in :mod:`diffjax.models.layers`.
+written the way they are: speed on XLA:CPU) are in :mod:`diffjax.models.layers`,
+:mod:`diffjax.models.winograd` and :mod:`diffjax.models.normalization`.
 
 Class conditioning (for classifier-free guidance, Ho & Salimans 2022): ``class_embed`` has
 ``num_classes + 1`` rows, the last (id ``num_classes``) being the null class; ``y=None`` on a
