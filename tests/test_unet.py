@@ -418,3 +418,31 @@ def test_bad_input_raises_named_value_error(kwargs, shape, y, match):
     t = jnp.zeros((shape[0],), jnp.int32)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, y, train=False))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 5)),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_add_per_sample_and_its_gradients_match_float64(shape, bf16, seed):
+    # h + t over pixels; the t gradient (a sum over pixels, a product with ones in bfloat16) is
+    # exact up to float32 accumulation, then rounded once to the compute dtype.
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    rng = np.random.default_rng(seed)
+    b, _, _, c = shape
+    h, g = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
+    t = jnp.asarray(rng.normal(size=(b, c)), dtype)
+    out, vjp = jax.vjp(L.add_per_sample, h, t)
+    dh, dt = vjp(g)
+    assert out.dtype == dh.dtype == dt.dtype == dtype
+    h64, t64, g64 = (np.asarray(a, np.float64) for a in (h, t, g))
+    want = h64 + t64[:, None, None, :]
+    unit = 2.0**-8 if bf16 else 2.0**-24  # unit roundoff of the result's dtype
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=unit, atol=0)
+    np.testing.assert_array_equal(np.asarray(dh, np.float64), g64)
+    want_dt = g64.sum(axis=(1, 2))
+    # float32 accumulation of H*W terms (<= 81 * 2^-24 relative to sum|g|), then one rounding.
+    tol = unit * np.abs(want_dt) + 81 * 2.0**-24 * np.abs(g64).sum(axis=(1, 2))
+    assert np.all(np.abs(np.asarray(dt, np.float64) - want_dt) <= tol)

@@ -108,6 +108,41 @@ def _bmm_nn_bwd(res, g):
 bmm_nn.defvjp(_bmm_nn_fwd, _bmm_nn_bwd)
 
 
+def _pixel_sum_dot(g: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> float32 [B, C]: the sum over pixels as a product with a vector of ones."""
+    b, h, w, c = g.shape
+    ones = jnp.ones((h * w,), g.dtype)
+    return _dg(g.reshape(b, h * w, c), ones, (1,), (0,))
+
+
+# Compute dtype -> sum over pixels (float32 [B, C]). In a bfloat16 program XLA:CPU fuses the
+# conversions around the reduction into one scalar loop (3.8 ms on [16, 32, 32, 128]; 0.1 ms as
+# YNNPACK's reduction, 1.0 ms as a product); float32 keeps YNNPACK's reduction.
+_PIXEL_SUM = {jnp.dtype(jnp.bfloat16): _pixel_sum_dot}
+
+
+def _pixel_sum(g: jax.Array) -> jax.Array:
+    return _PIXEL_SUM.get(g.dtype, lambda a: jnp.sum(a.astype(F32), (1, 2)))(g)
+
+
+@jax.custom_vjp
+def add_per_sample(h: jax.Array, t: jax.Array) -> jax.Array:
+    """h [B, H, W, C] + t [B, C] broadcast over pixels (e.g. the timestep projection, Ho et al.
+    2020 appendix B); the gradient of t sums the cotangent over pixels in float32."""
+    return h + t[:, None, None, :].astype(h.dtype)
+
+
+def _add_per_sample_fwd(h, t):
+    return add_per_sample(h, t), jnp.zeros((0,), t.dtype)  # only t's dtype is needed
+
+
+def _add_per_sample_bwd(t_like, g):
+    return g, _pixel_sum(g).astype(t_like.dtype)
+
+
+add_per_sample.defvjp(_add_per_sample_fwd, _add_per_sample_bwd)
+
+
 def _pad1(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
 

@@ -113,7 +113,7 @@ class ResnetBlock(nn.Module):
         dt = self.dtype
         h = nn.swish(_norm(dt, "norm1", self.num_groups)(x))
         h = L.Conv3x3(self.out_ch, dt, name="conv1")(h)  # [B, H, W, out]
-        h = h + L.Dense(self.out_ch, dt, name="temb_proj")(nn.swish(temb))[:, None, None, :]
+        h = L.add_per_sample(h, L.Dense(self.out_ch, dt, name="temb_proj")(nn.swish(temb)))
         h = nn.swish(_norm(dt, "norm2", self.num_groups)(h))
         h = L.Dropout(self.dropout)(h, train=train)
         h = L.Conv3x3(self.out_ch, dt, zero=True, name="conv2")(h)
