@@ -32,7 +32,7 @@ CASES = {
     ),
     "sampling": (
         ["sampling.py", "--workload=digits", "--batch=2", "--ddpm-steps=10", "--ddim-steps=5"],
-        r"ddim: 5 steps, median [\d.]+ s .* scan overhead -?[\d.]+% of a forward(.|\n)*"
+        r"ddim: 5 steps, median [\d.]+ s .* scan overhead [+-]?[\d.]+% of a forward(.|\n)*"
         r"DDPM-10 / DDIM-5 wall ratio [\d.]+x",
     ),
     "conv_layers": (
