@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 
 import jax
@@ -115,6 +116,17 @@ def flops_of(compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+@contextlib.contextmanager
+def direct_convolutions() -> Iterator[None]:
+    """Within: models traced anew compute every 3x3 convolution directly (Winograd off)."""
+    saved = winograd.WINOGRAD_MIN_CHANNELS
+    winograd.WINOGRAD_MIN_CHANNELS = sys.maxsize
+    try:
+        yield
+    finally:
+        winograd.WINOGRAD_MIN_CHANNELS = saved
+
+
 def model_flops(model: UNet, *args) -> float:
     """FLOPs of one ``make_train_step(model)`` call on ``args`` as the model defines them.
 
@@ -123,13 +135,9 @@ def model_flops(model: UNet, *args) -> float:
     are reported in the model's FLOPs so that they compare with torch's and across versions.
     (The lowered program's count is within 0.3% of the compiled one's.)
     """
-    saved = winograd.WINOGRAD_MIN_CHANNELS
-    winograd.WINOGRAD_MIN_CHANNELS = sys.maxsize  # a fresh jit below, so a fresh trace
-    try:
-        step, _ = make_train_step(model)
+    with direct_convolutions():
+        step, _ = make_train_step(model)  # a fresh jit, so a fresh trace
         cost = step.lower(*args).cost_analysis()
-    finally:
-        winograd.WINOGRAD_MIN_CHANNELS = saved
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 

@@ -25,10 +25,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see vs_torch.py
 import jax  # noqa: E402
 import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import WORKLOADS, environment, make_model, median_seconds  # noqa: E402
+from common import (  # noqa: E402
+    WORKLOADS,
+    direct_convolutions,
+    environment,
+    make_model,
+    median_seconds,
+)
 
 from diffjax import cpu_runtime  # noqa: E402
-from diffjax.models import init_params, layers, winograd  # noqa: E402
+from diffjax.models import init_params, layers  # noqa: E402
 
 
 def conv_shapes(name: str, batch: int) -> collections.Counter:
@@ -37,11 +43,8 @@ def conv_shapes(name: str, batch: int) -> collections.Counter:
     params = init_params(model, jax.random.key(0), size, channels)
     x = jnp.zeros((batch, size, size, channels))
     t = jnp.zeros((batch,), jnp.int32)
-    saved, winograd.WINOGRAD_MIN_CHANNELS = winograd.WINOGRAD_MIN_CHANNELS, sys.maxsize
-    try:  # every 3x3 convolution as conv_general_dilated
+    with direct_convolutions():  # every 3x3 convolution as conv_general_dilated
         jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
-    finally:
-        winograd.WINOGRAD_MIN_CHANNELS = saved
     found = collections.Counter()
 
     def visit(jpr):

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models import winograd
-
-F32 = jnp.float32
+from diffjax.models.primitives import F32, dot_f32, pad1
 
 # Reference-model initialisers: variance_scaling(scale, "fan_avg", "uniform"), scale 1 or ~0.
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -37,29 +36,23 @@ zero_init = nn.initializers.zeros
 BF16_DOT_CONV_MIN_CHANNELS = 128
 
 
-def _dg(a: jax.Array, b: jax.Array, ca: tuple, cb: tuple, batch: bool = False) -> jax.Array:
-    """dot_general contracting dims ca of a with cb of b (batch dim 0 if ``batch``), f32 acc."""
-    bdims = ((0,), (0,)) if batch else ((), ())
-    return jax.lax.dot_general(a, b, ((ca, cb), bdims), preferred_element_type=F32)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def linear(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
     """x [..., K] (compute dtype) @ kernel [K, N] (float32, cast to dtype) -> float32 [..., N]."""
-    return _dg(x, kernel.astype(dtype), (x.ndim - 1,), (0,))
+    return dot_f32(x, kernel.astype(dtype), (x.ndim - 1,), (0,))
 
 
 def _linear_fwd(x, kernel, dtype):
     k = kernel.astype(dtype)
-    return _dg(x, k, (x.ndim - 1,), (0,)), (x, k)
+    return dot_f32(x, k, (x.ndim - 1,), (0,)), (x, k)
 
 
 def _linear_bwd(dtype, res, g):
     x, k = res
     g = g.astype(dtype)  # [..., N]
-    dx = _dg(g, k, (g.ndim - 1,), (1,)).astype(x.dtype)  # [..., K]
+    dx = dot_f32(g, k, (g.ndim - 1,), (1,)).astype(x.dtype)  # [..., K]
     lead = tuple(range(x.ndim - 1))
-    dk = _dg(x, g, lead, lead)  # [K, N] float32: the parameter gradient keeps full precision
+    dk = dot_f32(x, g, lead, lead)  # [K, N] float32: the parameter gradient keeps full precision
     return dx, dk
 
 
@@ -69,7 +62,7 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 @jax.custom_vjp
 def bmm_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [B, N, K] @ b[B, M, K]^T -> float32 [B, N, M]."""
-    return _dg(a, b, (2,), (2,), batch=True)
+    return dot_f32(a, b, (2,), (2,), batch=True)
 
 
 def _bmm_nt_fwd(a, b):
@@ -79,8 +72,8 @@ def _bmm_nt_fwd(a, b):
 def _bmm_nt_bwd(res, g):
     a, b = res
     g = g.astype(a.dtype)  # [B, N, M]
-    da = _dg(g, b, (2,), (1,), batch=True)  # [B, N, K]
-    db = _dg(g, a, (1,), (1,), batch=True)  # [B, M, K]
+    da = dot_f32(g, b, (2,), (1,), batch=True)  # [B, N, K]
+    db = dot_f32(g, a, (1,), (1,), batch=True)  # [B, M, K]
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -90,7 +83,7 @@ bmm_nt.defvjp(_bmm_nt_fwd, _bmm_nt_bwd)
 @jax.custom_vjp
 def bmm_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [B, N, K] @ b [B, K, M] -> float32 [B, N, M]."""
-    return _dg(a, b, (2,), (1,), batch=True)
+    return dot_f32(a, b, (2,), (1,), batch=True)
 
 
 def _bmm_nn_fwd(a, b):
@@ -100,8 +93,8 @@ def _bmm_nn_fwd(a, b):
 def _bmm_nn_bwd(res, g):
     a, b = res
     g = g.astype(a.dtype)  # [B, N, M]
-    da = _dg(g, b, (2,), (2,), batch=True)  # [B, N, K]
-    db = _dg(a, g, (1,), (1,), batch=True)  # [B, K, M]
+    da = dot_f32(g, b, (2,), (2,), batch=True)  # [B, N, K]
+    db = dot_f32(a, g, (1,), (1,), batch=True)  # [B, K, M]
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -112,7 +105,7 @@ def _pixel_sum_dot(g: jax.Array) -> jax.Array:
     """[B, H, W, C] -> float32 [B, C]: the sum over pixels as a product with a vector of ones."""
     b, h, w, c = g.shape
     ones = jnp.ones((h * w,), g.dtype)
-    return _dg(g.reshape(b, h * w, c), ones, (1,), (0,))
+    return dot_f32(g.reshape(b, h * w, c), ones, (1,), (0,))
 
 
 # Compute dtype -> sum over pixels (float32 [B, C]). In a bfloat16 program XLA:CPU fuses the
@@ -143,18 +136,15 @@ def _add_per_sample_bwd(t_like, g):
 add_per_sample.defvjp(_add_per_sample_fwd, _add_per_sample_bwd)
 
 
-def _pad1(x: jax.Array) -> jax.Array:
-    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
 def _conv3x3_dots(x: jax.Array, k: jax.Array) -> jax.Array:
     """SAME 3x3 convolution as nine shifted products: sum_{dy,dx} x[h+dy-1, w+dx-1] @ k[dy, dx]."""
     h, w = x.shape[1], x.shape[2]
-    xp = _pad1(x)  # [B, H+2, W+2, C]
+    xp = pad1(x)  # [B, H+2, W+2, C]
     out = None
     for dy in range(3):
         for dx in range(3):
-            term = _dg(xp[:, dy : dy + h, dx : dx + w, :], k[dy, dx], (3,), (0,))  # [B, H, W, O]
+            shifted = xp[:, dy : dy + h, dx : dx + w, :]
+            term = dot_f32(shifted, k[dy, dx], (3,), (0,))  # [B, H, W, O]
             out = term if out is None else out + term
     return out
 
@@ -176,10 +166,10 @@ def _conv_bwd(dtype, res, g):
     # dL/dx is the convolution of g with the spatially flipped, in/out-transposed kernel.
     dx = _conv3x3_dots(g, jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)).astype(x.dtype)
     h, w = x.shape[1], x.shape[2]
-    xp = _pad1(x)
+    xp = pad1(x)
     dk = jnp.stack(
         [
-            _dg(xp[:, dy : dy + h, dx_ : dx_ + w, :], g, (0, 1, 2), (0, 1, 2))  # [C, O]
+            dot_f32(xp[:, dy : dy + h, dx_ : dx_ + w, :], g, (0, 1, 2), (0, 1, 2))  # [C, O]
             for dy in range(3)
             for dx_ in range(3)
         ]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-F32 = jnp.float32
+from diffjax.models.primitives import F32
 
 
 def _expand(v: jax.Array, channels: int) -> jax.Array:

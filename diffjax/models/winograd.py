@@ -15,17 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
-
-
-def _pad1(x: jax.Array) -> jax.Array:
-    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
-def _bdot(a: jax.Array, b: jax.Array, ca: int, cb: int) -> jax.Array:
-    """Batched (dim 0) dot_general contracting dim ca of a with cb of b, float32 accumulation."""
-    return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((0,), (0,))), preferred_element_type=F32)
-
+from diffjax.models.primitives import F32, dot_f32, pad1
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
 # eq. 8): every 4x4 input tile d (stride 2) gives a 2x2 output tile
@@ -79,7 +69,7 @@ def _untile_rows(t: jax.Array, axis: int) -> jax.Array:
 def winograd_input(x: jax.Array) -> jax.Array:
     """[B, H, W, C] (H, W even) -> B^T d B of every tile: [16, B * H/2 * W/2, C], same dtype."""
     b, h, w, c = x.shape
-    xp = _pad1(x)  # [B, H+2, W+2, C]
+    xp = pad1(x)  # [B, H+2, W+2, C]
     rows = _tile_rows(xp, 1)  # [4, B, H/2, W+2, C]
     tiles = _tile_rows(rows, 3)  # [4 (cols), 4 (rows), B, H/2, W/2, C]
     return tiles.reshape(16, b * (h // 2) * (w // 2), c)
@@ -133,7 +123,7 @@ def _output_transpose(g: jax.Array, dtype: Any) -> jax.Array:
 
 def _winograd(x: jax.Array, u: jax.Array) -> jax.Array:
     v = winograd_input(x)  # [16, N, C]
-    return winograd_output(_bdot(v, u, 2, 1), x.shape[:3])  # f32 [B, H, W, O]
+    return winograd_output(dot_f32(v, u, (2,), (1,), batch=True), x.shape[:3])  # f32 [B, H, W, O]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -159,10 +149,10 @@ def _winograd_bwd(dtype, res, g):
     dm = _output_transpose(g.astype(F32), dtype)  # [16, N, O]
     v = winograd_input(x)  # [16, N, C], recomputed: 4x the input is not kept between passes
     u = winograd_kernel(kernel).astype(dtype)
-    dv = _bdot(dm, u, 2, 2)  # float32 [16, N, C]
+    dv = dot_f32(dm, u, (2,), (2,), batch=True)  # float32 [16, N, C]
     dv = dv.reshape(4, 4, b, h // 2, w // 2, -1)  # [cols, rows, B, H/2, W/2, C]
     dxp = _untile_rows(_untile_rows(dv, 3), 1)  # [B, H + 2, W + 2, C], padded
-    du = _bdot(v, dm, 1, 1)  # [16, C, O]
+    du = dot_f32(v, dm, (1,), (1,), batch=True)  # [16, C, O]
     (dk,) = jax.linear_transpose(winograd_kernel, jax.ShapeDtypeStruct(kernel.shape, F32))(du)
     return dxp[:, 1:-1, 1:-1].astype(x.dtype), dk
 
