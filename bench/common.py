@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from diffjax import cpu_runtime
-from diffjax.models import winograd
+from diffjax.models import onednn, winograd
 from diffjax.models.unet import UNet
 
 # Before any JAX computation, as train.py does (diffjax/cpu_runtime.py). The YNNPACK fusion types
@@ -118,13 +118,15 @@ def flops_of(compiled) -> float:
 
 @contextlib.contextmanager
 def direct_convolutions() -> Iterator[None]:
-    """Within: models traced anew compute every 3x3 convolution directly (Winograd off)."""
-    saved = winograd.WINOGRAD_MIN_CHANNELS
+    """Within: models traced anew compute every 3x3 convolution as XLA's ``conv_general_dilated``
+    (Winograd and oneDNN off), the form XLA's cost analysis counts FLOPs of."""
+    saved = winograd.WINOGRAD_MIN_CHANNELS, onednn.available
     winograd.WINOGRAD_MIN_CHANNELS = sys.maxsize
+    onednn.available = lambda: False
     try:
         yield
     finally:
-        winograd.WINOGRAD_MIN_CHANNELS = saved
+        winograd.WINOGRAD_MIN_CHANNELS, onednn.available = saved
 
 
 def model_flops(model: UNet, *args) -> float:
@@ -166,5 +168,6 @@ def environment() -> str:
         f"versions: {pkgs}\n"
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"malloc reuses freed memory: {'yes' if REUSE_FREED_MEMORY else 'no'}, "
-        f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}"
+        f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}, "
+        f"oneDNN convolutions: {'yes' if onednn.available() else 'no'}"
     )

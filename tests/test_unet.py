@@ -268,16 +268,20 @@ def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
 
 def test_conv3x3_algorithm_by_platform_dtype_and_shape():
     cases = [
-        # (shape, features, strides, dtype, platform) -> algorithm
-        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu"), "winograd"),
-        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "cpu"), "winograd"),
-        (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu"), "dots"),
-        (((16, 8, 8, 256), 256, 1, jnp.float32, "cpu"), "xla"),
-        (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu"), "xla"),  # downsampling
-        (((16, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu"), "xla"),
+        # (shape, features, strides, dtype, platform, oneDNN usable) -> algorithm
+        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu", True), "winograd"),
+        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "cpu", True), "winograd"),
+        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu", False), "winograd"),
+        (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu", True), "onednn"),
+        (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu", False), "dots"),
+        (((16, 8, 8, 256), 256, 1, jnp.float32, "cpu", True), "onednn"),
+        (((16, 8, 8, 256), 256, 1, jnp.float32, "cpu", False), "xla"),
+        (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu", True), "onednn"),  # downsampling
+        (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu", False), "xla"),
+        (((16, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu", False), "xla"),
         # Accelerators: XLA's convolution, whatever the shape and dtype.
-        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "gpu"), "xla"),
-        (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "tpu"), "xla"),
+        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "gpu", True), "xla"),
+        (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "tpu", True), "xla"),
     ]
     for args, want in cases:
         assert L.conv3x3_algorithm(*args) == want, args

@@ -5,10 +5,12 @@ in the compute dtype and accumulates in float32 (``preferred_element_type``), fo
 backward: JAX's default transpose rules would run the backward products of a bfloat16 product on
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
-would. 3x3 convolutions with >= 64 channels on maps of >= 16x16 run as Winograd F(2x2, 3x3)
-(``diffjax.models.winograd``: 2.25x fewer multiplications); XLA's convolutions
-(``conv3x3_xla``) also carry a custom VJP, which in bfloat16 compute sums the kernel gradient
-over cache-sized batch chunks.
+would. On CPU, 3x3 convolutions with >= 64 channels on maps of >= 16x16 run as Winograd
+F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications) and the others on oneDNN
+(``conv3x3_onednn``; ``diffjax.models.onednn``), as do the attention products and the weight
+gradients of the dense layers; where oneDNN is not usable (``onednn.available``), XLA's
+convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16 compute is summed over
+cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops.
 
 Modules mirror flax.linen.Dense / Conv parameter names and shapes ("kernel", "bias"), so
 parameter trees are interchangeable with the flax layers (GroupNorm: ``normalization.py``).
@@ -23,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models import winograd
+from diffjax.models import onednn, winograd
 from diffjax.models.primitives import F32, dot_f32, pad1
 
 # Reference-model initialisers: variance_scaling(scale, "fan_avg", "uniform"), scale 1 or ~0.
@@ -34,6 +36,22 @@ zero_init = nn.initializers.zeros
 # products: XLA:CPU computes bfloat16 convolutions in float32, but bfloat16 products natively.
 # Below it the float32 convolution kernel is faster (products too small to pay for the slices).
 BF16_DOT_CONV_MIN_CHANNELS = 128
+
+
+def _xla_bmm(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+    ca, cb = (1 if transpose_a else 2), (2 if transpose_b else 1)
+    return dot_f32(a, b, (ca,), (cb,), batch=True)
+
+
+# oneDNN usable here -> batched op(a) @ op(b), float32. XLA:CPU runs batched products with few
+# rows per batch element (attention's 256 x 256 x 64) on one thread at 55-86 GFLOP/s; oneDNN
+# splits the batch over the threads (diffjax.models.onednn).
+_BMM = {True: onednn.matmul, False: _xla_bmm}
+
+
+def _bmm(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+    fast = jax.default_backend() == "cpu" and onednn.available()
+    return _BMM[fast](a, b, transpose_a, transpose_b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -51,8 +69,9 @@ def _linear_bwd(dtype, res, g):
     x, k = res
     g = g.astype(dtype)  # [..., N]
     dx = dot_f32(g, k, (g.ndim - 1,), (1,)).astype(x.dtype)  # [..., K]
-    lead = tuple(range(x.ndim - 1))
-    dk = dot_f32(x, g, lead, lead)  # [K, N] float32: the parameter gradient keeps full precision
+    # [K, N] float32: the parameter gradient keeps full precision. A product contracting the
+    # many rows of x and g, which oneDNN runs 2-4x faster than XLA:CPU.
+    dk = _bmm(x.reshape(1, -1, x.shape[-1]), g.reshape(1, -1, g.shape[-1]), True, False)[0]
     return dx, dk
 
 
@@ -62,7 +81,7 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 @jax.custom_vjp
 def bmm_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [B, N, K] @ b[B, M, K]^T -> float32 [B, N, M]."""
-    return dot_f32(a, b, (2,), (2,), batch=True)
+    return _bmm(a, b, False, True)
 
 
 def _bmm_nt_fwd(a, b):
@@ -72,8 +91,8 @@ def _bmm_nt_fwd(a, b):
 def _bmm_nt_bwd(res, g):
     a, b = res
     g = g.astype(a.dtype)  # [B, N, M]
-    da = dot_f32(g, b, (2,), (1,), batch=True)  # [B, N, K]
-    db = dot_f32(g, a, (1,), (1,), batch=True)  # [B, M, K]
+    da = _bmm(g, b, False, False)  # [B, N, K]
+    db = _bmm(g, a, True, False)  # [B, M, K]
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -83,7 +102,7 @@ bmm_nt.defvjp(_bmm_nt_fwd, _bmm_nt_bwd)
 @jax.custom_vjp
 def bmm_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [B, N, K] @ b [B, K, M] -> float32 [B, N, M]."""
-    return dot_f32(a, b, (2,), (1,), batch=True)
+    return _bmm(a, b, False, False)
 
 
 def _bmm_nn_fwd(a, b):
@@ -93,8 +112,8 @@ def _bmm_nn_fwd(a, b):
 def _bmm_nn_bwd(res, g):
     a, b = res
     g = g.astype(a.dtype)  # [B, N, M]
-    da = dot_f32(g, b, (2,), (2,), batch=True)  # [B, N, K]
-    db = dot_f32(a, g, (1,), (1,), batch=True)  # [B, K, M]
+    da = _bmm(g, b, False, True)  # [B, N, K]
+    db = _bmm(a, g, True, False)  # [B, K, M]
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -215,50 +234,92 @@ def _xla_conv_fwd(x, kernel, strides, dtype, chunks):
     return _xla_conv(x, kernel.astype(dtype), strides), (x, kernel)
 
 
-def _xla_conv_bwd(strides, dtype, chunks, res, g):
-    x, kernel = res
-    k = kernel.astype(dtype)
-    (dx,) = jax.vjp(lambda a: _xla_conv(a, k, strides), x)[1](g)
+def _xla_kernel_grad(x, kernel, g, strides, dtype, chunks):
+    """dL/dkernel of ``_xla_conv(x, kernel.astype(dtype), strides)``, summed over ``chunks``."""
     c = x.shape[0] // chunks
     dk = None
     for i in range(chunks):
         xi, gi = x[i * c : (i + 1) * c], g[i * c : (i + 1) * c]
         (part,) = jax.vjp(lambda kk, xi=xi: _xla_conv(xi, kk.astype(dtype), strides), kernel)[1](gi)
         dk = part if dk is None else dk + part
-    return dx, dk
+    return dk
+
+
+def _xla_conv_bwd(strides, dtype, chunks, res, g):
+    x, kernel = res
+    k = kernel.astype(dtype)
+    (dx,) = jax.vjp(lambda a: _xla_conv(a, k, strides), x)[1](g)
+    return dx, _xla_kernel_grad(x, kernel, g, strides, dtype, chunks)
 
 
 conv3x3_xla.defvjp(_xla_conv_fwd, _xla_conv_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv3x3_onednn(
+    x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, chunks: int = 1
+) -> jax.Array:
+    """3x3 SAME convolution on oneDNN (``diffjax.models.onednn``; float32 [B, H', W', O]).
+
+    The input gradient of a stride-1 convolution is oneDNN's convolution of g with the flipped,
+    in/out-transposed kernel; a stride-2 one's, and every kernel gradient (not a small forward
+    convolution), are XLA's, the latter summed over ``chunks`` equal batch chunks.
+    """
+    return onednn.conv3x3(x, kernel.astype(dtype), strides)
+
+
+def _onednn_fwd(x, kernel, strides, dtype, chunks):
+    return onednn.conv3x3(x, kernel.astype(dtype), strides), (x, kernel)
+
+
+def _onednn_bwd(strides, dtype, chunks, res, g):
+    x, kernel = res
+    k = kernel.astype(dtype)
+    if strides == 1:
+        flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)  # [3, 3, O, C]
+        dx = onednn.conv3x3(g.astype(dtype), flipped, 1).astype(x.dtype)
+    else:
+        (dx,) = jax.vjp(lambda a: _xla_conv(a, k, strides), x)[1](g)
+    return dx, _xla_kernel_grad(x, kernel, g, strides, dtype, chunks)
+
+
+conv3x3_onednn.defvjp(_onednn_fwd, _onednn_bwd)
+
+
 def conv3x3_algorithm(
-    shape: tuple[int, ...], features: int, strides: int, dtype: Any, platform: str
+    shape: tuple[int, ...],
+    features: int,
+    strides: int,
+    dtype: Any,
+    platform: str,
+    onednn_ok: bool | None = None,
 ) -> str:
     """How ``Conv3x3`` computes a 3x3 convolution of a [B, H, W, C] input on ``platform``.
 
-    "winograd" (``winograd.conv3x3_winograd``), "dots" (nine bfloat16 products, ``conv3x3_dots``) or
-    "xla" (``conv3x3_xla``). The first two are for XLA:CPU; GPUs and TPUs get XLA's convolution,
-    for which cuDNN and the TPU compiler choose their own algorithms.
+    "winograd" (``winograd.conv3x3_winograd``), "onednn" (``conv3x3_onednn``), "dots" (nine
+    bfloat16 products, ``conv3x3_dots``) or "xla" (``conv3x3_xla``). The first three are for
+    XLA:CPU, "onednn" where ``onednn_ok`` (default: ``onednn.available()``), "dots" and "xla"
+    where not; GPUs and TPUs get XLA's convolution, for which cuDNN and the TPU compiler choose
+    their own algorithms.
     """
     if platform != "cpu":
         return "xla"
     if strides == 1 and winograd.use_winograd(shape, features):
         return "winograd"
+    if onednn.available() if onednn_ok is None else onednn_ok:
+        return "onednn"
     bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
     if bf16 and strides == 1 and shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS:
         return "dots"
     return "xla"
 
 
-def _xla_chunked(
-    x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, platform: str
-) -> jax.Array:
+def _chunks(x: jax.Array, dtype: Any, platform: str) -> int:
     # Chunked kernel gradients pay off under XLA's default YNNPACK convolutions (kept for
     # bfloat16 on CPU); float32 runs under cpu_runtime's fusions, where one call is faster.
     bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
     cpu = platform == "cpu"
-    chunks = kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 and cpu else 1
-    return conv3x3_xla(x, kernel, strides, dtype, chunks)
+    return kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 and cpu else 1
 
 
 # algorithm -> (x, kernel, strides, dtype, platform) -> float32 [B, H', W', O]
@@ -266,8 +327,13 @@ _CONV3X3 = {
     "winograd": lambda x, kernel, strides, dtype, platform: winograd.conv3x3_winograd(
         x, kernel, dtype
     ),
+    "onednn": lambda x, kernel, strides, dtype, platform: conv3x3_onednn(
+        x, kernel, strides, dtype, _chunks(x, dtype, platform)
+    ),
     "dots": lambda x, kernel, strides, dtype, platform: conv3x3_dots(x, kernel, dtype),
-    "xla": _xla_chunked,
+    "xla": lambda x, kernel, strides, dtype, platform: conv3x3_xla(
+        x, kernel, strides, dtype, _chunks(x, dtype, platform)
+    ),
 }
 
 

@@ -1,0 +1,174 @@
+"""Tests of the oneDNN convolution (diffjax.models.onednn) against float64 closed forms."""
+
+import functools
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import jaxlib.version
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffjax.models import init_params, onednn
+from diffjax.models import layers as L
+from diffjax.models.unet import UNet
+
+
+def _same_pads(n, s):
+    """SAME padding (before, after) of a size-n axis for a 3-tap window at stride s."""
+    total = max((-(-n // s) - 1) * s + 3 - n, 0)
+    return total // 2, total - total // 2
+
+
+def _conv_f64(x, w, s):
+    """SAME 3x3 cross-correlation at stride s in float64 numpy, and its adjoint (dx, dw) for g."""
+    (ht, hb), (wl, wr) = _same_pads(x.shape[1], s), _same_pads(x.shape[2], s)
+    xp = np.pad(x, ((0, 0), (ht, hb), (wl, wr), (0, 0)))
+    ho, wo = -(-x.shape[1] // s), -(-x.shape[2] // s)
+
+    def window(a, dy, dx):  # the inputs tap (dy, dx) meets: [B, Ho, Wo, C]
+        return a[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s]
+
+    y = sum(
+        np.einsum("bhwc,co->bhwo", window(xp, i, j), w[i, j]) for i in range(3) for j in range(3)
+    )
+
+    def adjoint(g):
+        dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+        for i in range(3):
+            for j in range(3):
+                window(dxp, i, j)[...] += np.einsum("bhwo,co->bhwc", g, w[i, j])
+                dw[i, j] = np.einsum("bhwc,bhwo->co", window(xp, i, j), g)
+        return dxp[:, ht : ht + x.shape[1], wl : wl + x.shape[2]], dw
+
+    return y, adjoint
+
+
+def test_available_on_the_checked_jaxlib_and_x86():
+    # On the setup it was checked on, the fast path must be live, or every test below would
+    # pass while Conv3x3 silently fell back to XLA's convolutions.
+    checked = jaxlib.version.__version__.startswith(onednn.JAXLIB_VERSIONS)
+    if not (checked and platform.machine() in onednn.MACHINES):
+        pytest.skip("oneDNN convolutions are only enabled on x86-64 with a checked jaxlib")
+    if os.environ.get(onednn.ENV, "1") == "0":
+        pytest.skip(f"{onednn.ENV}=0")
+    assert onednn.available()
+
+
+def test_switch_turns_it_off():
+    code = "from diffjax.models import onednn; print(onednn.available())"
+    env = dict(os.environ, **{onednn.ENV: "0"})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN convolution unavailable")
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _onednn_and_vjp(x, w, g, strides, dtype):
+    out, vjp = jax.vjp(lambda a, b: L.conv3x3_onednn(a, b, strides, dtype), x.astype(dtype), w)
+    return (out, *vjp(g))
+
+
+@needs_onednn
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    channels=st.integers(1, 9),
+    features=st.integers(1, 9),
+    strides=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_convolution_and_gradients_match_float64(
+    batch, height, width, channels, features, strides, seed
+):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
+    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
+    y, adjoint = _conv_f64(x.astype(np.float64), w.astype(np.float64), strides)
+    g = rng.normal(size=y.shape).astype(np.float32)
+    want = (y, *adjoint(g.astype(np.float64)))
+    for got, ref in zip(_onednn_and_vjp(x, w, g, strides, jnp.float32), want, strict=True):
+        assert got.shape == ref.shape
+        # Sums of <= 9 C (kernel gradient: B H' W') O(1) float32 products: error ~1e-6 of the
+        # largest value; 1e-4 flags a wrong tap, padding side or stride (errors of O(1)).
+        scale = float(np.max(np.abs(ref))) + 1e-12
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=1e-4 * scale)
+    # bfloat16 operands, float32 accumulation: relative error near bfloat16's 2^-9 of the
+    # inputs; 2e-2 flags a bfloat16 accumulation or a wrong tap.
+    got_all = _onednn_and_vjp(x, w, g, strides, jnp.bfloat16)
+    assert [a.dtype for a in got_all] == [jnp.float32, jnp.bfloat16, jnp.float32]
+    for got, ref in zip(got_all, want, strict=True):
+        got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+        assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref) + 1e-6
+
+
+@needs_onednn
+def test_vmap_over_inputs_and_over_kernels():
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (4, 2, 6, 5, 3))  # 4 mapped [2, 6, 5, 3] inputs
+    w = jax.random.normal(kw, (4, 3, 3, 3, 7))
+    for s in (1, 2):
+        one = jax.jit(lambda a, b, s=s: onednn.conv3x3(a, b, s))
+        per_input = jax.jit(jax.vmap(lambda a, s=s: onednn.conv3x3(a, w[0], s)))(x)
+        per_kernel = jax.jit(jax.vmap(lambda a, b, s=s: onednn.conv3x3(a, b, s)))(x, w)
+        for i in range(4):
+            want = _conv_f64(np.asarray(x[i], np.float64), np.asarray(w[0], np.float64), s)[0]
+            np.testing.assert_allclose(per_input[i], want, atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(per_kernel[i], one(x[i], w[i]), atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_conv3x3_module_runs_on_onednn_outside_the_winograd_rule():
+    conv = L.Conv3x3(features=8, strides=2)
+    x = jax.random.normal(jax.random.key(7), (2, 8, 8, 4))
+    params = conv.init(jax.random.key(8), x)["params"]
+    jaxpr = str(jax.make_jaxpr(lambda p: conv.apply({"params": p}, x))(params))
+    assert "onednn_conv" in jaxpr and "conv_general_dilated" not in jaxpr
+    want = _conv_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64), 2)[0]
+    np.testing.assert_allclose(conv.apply({"params": params}, x), want, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
+    # The whole network (convolutions, attention products, projections) on oneDNN vs on XLA's
+    # ops: the same function, so the same loss and gradients up to float32 summation order.
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), out_channels=1)
+    initial = init_params(model, jax.random.key(0), 8, 1)
+    # Random leaves: the zero-initialised output convolutions would hide everything before them.
+    leaves, tree = jax.tree.flatten(initial)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+    )
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    t = jnp.array([0, 10, 500, 999])
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, x, t, train=False) ** 2)
+
+    def traced_with_onednn():
+        return "onednn" in str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    assert traced_with_onednn()
+    fast = jax.jit(jax.value_and_grad(loss))(params)
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    assert not traced_with_onednn()
+    slow = jax.jit(jax.value_and_grad(loss))(params)
+    # Sums of O(100) float32 terms in another order: ~1e-6 relative. Some leaves' gradients are
+    # 0 in exact arithmetic (biases that GroupNorm removes) and rounding noise here, so the
+    # tolerance is 1e-4 of the largest gradient anywhere: a wrong operand, transpose or tap
+    # changes values by O(1) of it.
+    np.testing.assert_allclose(fast[0], slow[0], rtol=1e-5)
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(slow[1]))
+    for got, want in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(slow[1]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
