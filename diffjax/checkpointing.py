@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from diffjax.config_validation import ReportableError
+from diffjax.errors import ReportableError
 
 __all__ = [
     "CHECKPOINT_SUBDIR",

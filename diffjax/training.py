@@ -38,7 +38,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -55,7 +54,8 @@ from flax import jax_utils
 from tqdm import tqdm
 
 from diffjax import checkpointing, images, input_pipeline
-from diffjax.config_validation import ReportableError, validate_config
+from diffjax.config_validation import validate_config
+from diffjax.errors import ReportableError
 from diffjax.metrics_writer import MetricWriter, format_metrics
 from diffjax.models import create_model
 from diffjax.preemption import StopGuard
@@ -63,6 +63,7 @@ from diffjax.run import resolve_sampling_options, sample_with_params
 from diffjax.schedules import Schedule, make_schedule
 from diffjax.train_state import TrainState, create_train_state
 from diffjax.train_step import AXIS_NAME, make_p_train_step, per_device_batch_size
+from diffjax.workdir import WorkdirError, config_changes, prepare_workdir, record_config
 
 __all__ = [
     "NonFiniteError",
@@ -230,63 +231,8 @@ def _restore_or_init(
     return state.replace(step=int(meta["step"]), **trees)
 
 
-class WorkdirError(ReportableError):
-    """The workdir cannot be created or written."""
-
-
 class NonFiniteError(ReportableError):
     """The loss or gradient became non-finite and ``training.nan_policy`` says stop."""
-
-
-def _prepare_workdir(workdir: epath.Path) -> None:
-    """Create ``workdir`` (with parents) and prove that files can be written in it."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_probe_{os.getpid()}"
-        probe.write_text("ok\n")
-        probe.unlink()
-    except Exception as err:  # noqa: BLE001 - local and remote file systems raise differently
-        raise WorkdirError(
-            f"workdir {workdir} cannot be written ({type(err).__name__}: {err}); pass a "
-            "writable --workdir (a local path or gs://bucket/path)"
-        ) from err
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """One line per dotted key whose value differs between two configs (as JSON dicts)."""
-    a, b = _flat(old), _flat(new)
-    missing = object()
-    return [
-        f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}".replace(
-            repr(missing), "(absent)"
-        )
-        for key in sorted(a.keys() | b.keys())
-        if a.get(key, missing) != b.get(key, missing)
-    ]
-
-
-def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Write config.json; on a resume, first warn about every key that changed."""
-    path = workdir / checkpointing.CONFIG_FILE
-    if path.exists():
-        new = json.loads(config.to_json())
-        try:
-            changes = config_changes(json.loads(path.read_text()), new)
-        except ValueError:
-            changes = ["(the previous config.json is unreadable)"]
-        for change in changes:
-            logging.warning("config changed since this workdir's config.json: %s", change)
-    checkpointing.save_config(workdir, config)
 
 
 def _nonfinite_action(policy: str, consecutive: int, max_skips: int) -> str:
@@ -344,7 +290,7 @@ def train_and_evaluate(
     ckpt_dir = checkpointing.checkpoint_dir(workdir)
     is_main = jax.process_index() == 0
     if is_main:
-        _prepare_workdir(workdir)
+        prepare_workdir(workdir)
         print(f"workdir: {workdir}")
 
     model = create_model(config)
@@ -372,7 +318,7 @@ def train_and_evaluate(
         if is_main:
             # Only now: a config that does not fit the checkpoint has raised, and the
             # config.json of the trained run is still the one that describes it.
-            _record_config(workdir, config)
+            record_config(workdir, config)
             if start_step:
                 print(f"resuming from the checkpoint at step {start_step}")
         writer = MetricWriter(workdir, enabled=is_main)
