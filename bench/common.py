@@ -121,7 +121,7 @@ def direct_convolutions() -> Iterator[None]:
     """Within: models traced anew compute every 3x3 convolution as XLA's ``conv_general_dilated``
     (Winograd and oneDNN off), the form XLA's cost analysis counts FLOPs of."""
     saved = winograd.WINOGRAD_MIN_CHANNELS, onednn.available
-    winograd.WINOGRAD_MIN_CHANNELS = sys.maxsize
+    winograd.WINOGRAD_MIN_CHANNELS = {True: sys.maxsize, False: sys.maxsize}
     onednn.available = lambda: False
     try:
         yield

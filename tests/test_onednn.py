@@ -162,6 +162,7 @@ def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
     assert traced_with_onednn()
     fast = jax.jit(jax.value_and_grad(loss))(params)
     monkeypatch.setattr(onednn, "available", lambda: False)
+    jax.clear_caches()  # JAX caches the traces of custom VJP rules
     assert not traced_with_onednn()
     slow = jax.jit(jax.value_and_grad(loss))(params)
     # Sums of O(100) float32 terms in another order: ~1e-6 relative. Some leaves' gradients are
@@ -172,3 +173,36 @@ def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
     scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(slow[1]))
     for got, want in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(slow[1]), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype):
+    # Winograd's three batched products go through onednn.bmm: the same convolution and
+    # gradients whichever engine runs them.
+    from diffjax.models import winograd
+
+    kx, kw, kg = jax.random.split(jax.random.key(9), 3)
+    x = jax.random.normal(kx, (2, 16, 16, 32))
+    w = jax.random.normal(kw, (3, 3, 32, 24))
+    g = jax.random.normal(kg, (2, 16, 16, 24))
+
+    def conv_and_grads(a, b):
+        out, vjp = jax.vjp(lambda a, b: winograd.conv3x3_winograd(a, b, dtype), a, b)
+        return (out, *vjp(g))
+
+    def run():
+        jaxpr = str(jax.make_jaxpr(conv_and_grads)(x.astype(dtype), w))
+        values = jax.jit(conv_and_grads)(x.astype(dtype), w)
+        return "onednn_matmul" in jaxpr, [np.asarray(v, np.float32) for v in values]
+
+    on, fast = run()
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    jax.clear_caches()  # JAX caches the traces of the custom VJP's rules
+    off, slow = run()
+    assert on and not off
+    # float32: the same sums in another order (~1e-6 relative); bfloat16 operands are the same
+    # bfloat16 values in both, accumulated in float32: again ~1e-6. 1e-4 of the largest value
+    # flags a wrong transpose flag (errors of O(1)).
+    for got, want in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.max(np.abs(want))))

@@ -246,14 +246,18 @@ def test_winograd_convolution_and_its_gradients_match_float64(
 
 
 def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
-    assert W.use_winograd((16, 32, 32, 128), 128)
-    assert W.use_winograd((1, 16, 16, 512), 256)
-    assert not W.use_winograd((16, 8, 8, 256), 256)  # small maps: XLA's kernel
-    assert W.use_winograd((64, 16, 16, 64), 64)
-    assert not W.use_winograd((16, 32, 32, 32), 128)  # narrow input
-    assert not W.use_winograd((64, 32, 32, 64), 32)  # narrow output
-    assert not W.use_winograd((16, 32, 32, 256), 3)  # narrow output (conv_out)
-    assert not W.use_winograd((16, 18, 17, 128), 128)  # odd width: no 2x2 tiling
+    for fast in (True, False):  # products on oneDNN or on XLA
+        assert W.use_winograd((16, 32, 32, 128), 128, fast)
+        assert W.use_winograd((1, 16, 16, 512), 256, fast)
+        assert not W.use_winograd((16, 8, 8, 256), 256, fast)  # small maps
+        assert W.use_winograd((64, 16, 16, 64), 64, fast)
+        assert not W.use_winograd((16, 32, 32, 256), 3, fast)  # narrow output (conv_out)
+        assert not W.use_winograd((16, 32, 32, 16), 128, fast)  # narrow input
+        assert not W.use_winograd((16, 18, 17, 128), 128, fast)  # odd width: no 2x2 tiling
+    # 32 channels: worth it with oneDNN's products, not with XLA's.
+    assert W.use_winograd((64, 32, 32, 32), 32, True)
+    assert not W.use_winograd((64, 32, 32, 32), 32, False)
+    assert not W.use_winograd((64, 32, 32, 64), 32, False)  # narrow output
     # The module with a Winograd-sized input computes the convolution plus bias.
     conv = L.Conv3x3(features=128)
     x = jax.random.normal(jax.random.key(7), (1, 16, 16, 128))
@@ -279,6 +283,8 @@ def test_conv3x3_algorithm_by_platform_dtype_and_shape():
         (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu", True), "onednn"),  # downsampling
         (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu", False), "xla"),
         (((16, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu", False), "xla"),
+        (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", True), "winograd"),  # oneDNN products
+        (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", False), "xla"),
         # Accelerators: XLA's convolution, whatever the shape and dtype.
         (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "gpu", True), "xla"),
         (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "tpu", True), "xla"),

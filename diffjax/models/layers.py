@@ -5,9 +5,10 @@ in the compute dtype and accumulates in float32 (``preferred_element_type``), fo
 backward: JAX's default transpose rules would run the backward products of a bfloat16 product on
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
-would. On CPU, 3x3 convolutions with >= 64 channels on maps of >= 16x16 run as Winograd
-F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications) and the others on oneDNN
-(``conv3x3_onednn``; ``diffjax.models.onednn``), as do the attention products and the weight
+would. On CPU, 3x3 convolutions with >= 32 channels (64 without oneDNN) on maps of >= 16x16
+run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications) and the
+others on oneDNN (``conv3x3_onednn``; ``diffjax.models.onednn``), as do the attention products
+and the weight
 gradients of the dense layers; where oneDNN is not usable (``onednn.available``), XLA's
 convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16 compute is summed over
 cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops.
@@ -38,22 +39,6 @@ zero_init = nn.initializers.zeros
 BF16_DOT_CONV_MIN_CHANNELS = 128
 
 
-def _xla_bmm(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    ca, cb = (1 if transpose_a else 2), (2 if transpose_b else 1)
-    return dot_f32(a, b, (ca,), (cb,), batch=True)
-
-
-# oneDNN usable here -> batched op(a) @ op(b), float32. XLA:CPU runs batched products with few
-# rows per batch element (attention's 256 x 256 x 64) on one thread at 55-86 GFLOP/s; oneDNN
-# splits the batch over the threads (diffjax.models.onednn).
-_BMM = {True: onednn.matmul, False: _xla_bmm}
-
-
-def _bmm(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    fast = jax.default_backend() == "cpu" and onednn.available()
-    return _BMM[fast](a, b, transpose_a, transpose_b)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def linear(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
     """x [..., K] (compute dtype) @ kernel [K, N] (float32, cast to dtype) -> float32 [..., N]."""
@@ -70,8 +55,8 @@ def _linear_bwd(dtype, res, g):
     g = g.astype(dtype)  # [..., N]
     dx = dot_f32(g, k, (g.ndim - 1,), (1,)).astype(x.dtype)  # [..., K]
     # [K, N] float32: the parameter gradient keeps full precision. A product contracting the
-    # many rows of x and g, which oneDNN runs 2-4x faster than XLA:CPU.
-    dk = _bmm(x.reshape(1, -1, x.shape[-1]), g.reshape(1, -1, g.shape[-1]), True, False)[0]
+    # many rows of x and g, which oneDNN runs 2-4x faster than XLA:CPU (diffjax.models.onednn).
+    dk = onednn.bmm(x.reshape(1, -1, x.shape[-1]), g.reshape(1, -1, g.shape[-1]), True, False)[0]
     return dx, dk
 
 
@@ -81,7 +66,7 @@ linear.defvjp(_linear_fwd, _linear_bwd)
 @jax.custom_vjp
 def bmm_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [B, N, K] @ b[B, M, K]^T -> float32 [B, N, M]."""
-    return _bmm(a, b, False, True)
+    return onednn.bmm(a, b, False, True)
 
 
 def _bmm_nt_fwd(a, b):
@@ -91,8 +76,8 @@ def _bmm_nt_fwd(a, b):
 def _bmm_nt_bwd(res, g):
     a, b = res
     g = g.astype(a.dtype)  # [B, N, M]
-    da = _bmm(g, b, False, False)  # [B, N, K]
-    db = _bmm(g, a, True, False)  # [B, M, K]
+    da = onednn.bmm(g, b, False, False)  # [B, N, K]
+    db = onednn.bmm(g, a, True, False)  # [B, M, K]
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -102,7 +87,7 @@ bmm_nt.defvjp(_bmm_nt_fwd, _bmm_nt_bwd)
 @jax.custom_vjp
 def bmm_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [B, N, K] @ b [B, K, M] -> float32 [B, N, M]."""
-    return _bmm(a, b, False, False)
+    return onednn.bmm(a, b, False, False)
 
 
 def _bmm_nn_fwd(a, b):
@@ -112,8 +97,8 @@ def _bmm_nn_fwd(a, b):
 def _bmm_nn_bwd(res, g):
     a, b = res
     g = g.astype(a.dtype)  # [B, N, M]
-    da = _bmm(g, b, False, True)  # [B, N, K]
-    db = _bmm(a, g, True, False)  # [B, K, M]
+    da = onednn.bmm(g, b, False, True)  # [B, N, K]
+    db = onednn.bmm(a, g, True, False)  # [B, K, M]
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -304,9 +289,10 @@ def conv3x3_algorithm(
     """
     if platform != "cpu":
         return "xla"
-    if strides == 1 and winograd.use_winograd(shape, features):
+    fast = onednn.available() if onednn_ok is None else onednn_ok
+    if strides == 1 and winograd.use_winograd(shape, features, fast):
         return "winograd"
-    if onednn.available() if onednn_ok is None else onednn_ok:
+    if fast:
         return "onednn"
     bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
     if bf16 and strides == 1 and shape[-1] >= BF16_DOT_CONV_MIN_CHANNELS:

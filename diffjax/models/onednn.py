@@ -198,6 +198,22 @@ def _xla_matmul(a, b, transpose_a, transpose_b):
     return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((0,), (0,))), preferred_element_type=F32)
 
 
+# oneDNN usable here -> the batched product. XLA:CPU gives batched products with few rows per
+# batch element (attention's 256 x 256 x 64, Winograd's transposed-operand kernel gradient) to one
+# thread or to a slow kernel; oneDNN splits the batch over the threads.
+_BMM = {True: matmul, False: _xla_matmul}
+
+
+def bmm(
+    a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False
+) -> jax.Array:
+    """Batched op(a) [B, N, K] @ op(b) [B, K, M] -> float32 [B, N, M]: ``matmul`` when the
+    default backend is the CPU and ``available()``, else XLA's ``dot_general``. Differentiate
+    through a custom VJP made of ``bmm`` calls (as ``layers.bmm_nt`` does), not through it."""
+    fast = jax.default_backend() == "cpu" and available()
+    return _BMM[fast](a, b, transpose_a, transpose_b)
+
+
 # --- availability ------------------------------------------------------------------------------
 
 

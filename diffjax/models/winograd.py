@@ -1,10 +1,10 @@
 """3x3 convolutions by Winograd F(2x2, 3x3), for XLA:CPU: 2.25x fewer multiplications.
 
 ``conv3x3_winograd`` computes a SAME stride-1 3x3 convolution as 16 independent matrix products
-between transformed input tiles and transformed kernels (Lavin & Gray 2016), with a custom VJP
-whose transposed transforms are written out; ``use_winograd`` says where it beats XLA's own
-convolution in a train step (``bench/README.md``). ``diffjax.models.layers.Conv3x3`` picks the
-algorithm per layer.
+between transformed input tiles and transformed kernels (Lavin & Gray 2016; one batched product,
+on oneDNN where ``onednn.bmm`` can), with a custom VJP whose transposed transforms are written
+out; ``use_winograd`` says where it beats the direct convolution in a train step
+(``bench/README.md``). ``diffjax.models.layers.Conv3x3`` picks the algorithm per layer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.primitives import F32, dot_f32, pad1
+from diffjax.models import onednn
+from diffjax.models.primitives import F32, pad1
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
 # eq. 8): every 4x4 input tile d (stride 2) gives a 2x2 output tile
@@ -123,7 +124,7 @@ def _output_transpose(g: jax.Array, dtype: Any) -> jax.Array:
 
 def _winograd(x: jax.Array, u: jax.Array) -> jax.Array:
     v = winograd_input(x)  # [16, N, C]
-    return winograd_output(dot_f32(v, u, (2,), (1,), batch=True), x.shape[:3])  # f32 [B, H, W, O]
+    return winograd_output(onednn.bmm(v, u), x.shape[:3])  # f32 [B, H, W, O]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -149,10 +150,10 @@ def _winograd_bwd(dtype, res, g):
     dm = _output_transpose(g.astype(F32), dtype)  # [16, N, O]
     v = winograd_input(x)  # [16, N, C], recomputed: 4x the input is not kept between passes
     u = winograd_kernel(kernel).astype(dtype)
-    dv = dot_f32(dm, u, (2,), (2,), batch=True)  # float32 [16, N, C]
+    dv = onednn.bmm(dm, u, transpose_b=True)  # float32 [16, N, C]
     dv = dv.reshape(4, 4, b, h // 2, w // 2, -1)  # [cols, rows, B, H/2, W/2, C]
     dxp = _untile_rows(_untile_rows(dv, 3), 1)  # [B, H + 2, W + 2, C], padded
-    du = dot_f32(v, dm, (1,), (1,), batch=True)  # [16, C, O]
+    du = onednn.bmm(v, dm, transpose_a=True)  # [16, C, O]
     (dk,) = jax.linear_transpose(winograd_kernel, jax.ShapeDtypeStruct(kernel.shape, F32))(du)
     return dxp[:, 1:-1, 1:-1].astype(x.dtype), dk
 
@@ -160,20 +161,23 @@ def _winograd_bwd(dtype, res, g):
 conv3x3_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
-# Where Winograd beats XLA's convolution in the whole train step (bench/README.md): from 16x16
-# pixels up (the padded border and the transforms cost relatively more on smaller maps), with at
-# least this many input and output channels (at 32 the products are too thin to pay for the
-# transforms: slower alone and in the step).
+# Where Winograd beats the direct convolution in the whole train step (bench/README.md): from
+# 16x16 pixels up (the padded border and the transforms cost relatively more on smaller maps),
+# with at least this many input and output channels, by whether its products run on oneDNN
+# (``onednn.available()``): XLA's products are too thin at 32 channels to pay for the transforms
+# (slower alone and in the step), oneDNN's are not (small32 step: 1.126 -> 1.063 s).
 WINOGRAD_MIN_SIZE = 16
-WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_CHANNELS = {True: 32, False: 64}
 
 
-def use_winograd(shape: tuple[int, ...], features: int) -> bool:
-    """Whether a stride-1 3x3 convolution of a [B, H, W, C] input runs as Winograd F(2x2, 3x3)."""
+def use_winograd(shape: tuple[int, ...], features: int, onednn_ok: bool | None = None) -> bool:
+    """Whether a stride-1 3x3 convolution of a [B, H, W, C] input runs as Winograd F(2x2, 3x3);
+    ``onednn_ok``: whether the products run on oneDNN (default: ``onednn.available()``)."""
     _, h, w, c = shape
+    fast = onednn.available() if onednn_ok is None else onednn_ok
     return (
         min(h, w) >= WINOGRAD_MIN_SIZE
         and h % 2 == 0
         and w % 2 == 0
-        and min(c, features) >= WINOGRAD_MIN_CHANNELS
+        and min(c, features) >= WINOGRAD_MIN_CHANNELS[fast]
     )
