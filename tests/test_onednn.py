@@ -11,42 +11,13 @@ import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
 import pytest
+from _conv_reference import assert_conv_and_grads_match, conv3x3_f64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffjax.models import init_params, onednn
 from diffjax.models import layers as L
 from diffjax.models.unet import UNet
-
-
-def _same_pads(n, s):
-    """SAME padding (before, after) of a size-n axis for a 3-tap window at stride s."""
-    total = max((-(-n // s) - 1) * s + 3 - n, 0)
-    return total // 2, total - total // 2
-
-
-def _conv_f64(x, w, s):
-    """SAME 3x3 cross-correlation at stride s in float64 numpy, and its adjoint (dx, dw) for g."""
-    (ht, hb), (wl, wr) = _same_pads(x.shape[1], s), _same_pads(x.shape[2], s)
-    xp = np.pad(x, ((0, 0), (ht, hb), (wl, wr), (0, 0)))
-    ho, wo = -(-x.shape[1] // s), -(-x.shape[2] // s)
-
-    def window(a, dy, dx):  # the inputs tap (dy, dx) meets: [B, Ho, Wo, C]
-        return a[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s]
-
-    y = sum(
-        np.einsum("bhwc,co->bhwo", window(xp, i, j), w[i, j]) for i in range(3) for j in range(3)
-    )
-
-    def adjoint(g):
-        dxp, dw = np.zeros_like(xp), np.zeros_like(w)
-        for i in range(3):
-            for j in range(3):
-                window(dxp, i, j)[...] += np.einsum("bhwo,co->bhwc", g, w[i, j])
-                dw[i, j] = np.einsum("bhwc,bhwo->co", window(xp, i, j), g)
-        return dxp[:, ht : ht + x.shape[1], wl : wl + x.shape[2]], dw
-
-    return y, adjoint
 
 
 def test_available_on_the_checked_jaxlib_and_x86():
@@ -94,22 +65,14 @@ def test_convolution_and_gradients_match_float64(
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
     w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
-    y, adjoint = _conv_f64(x.astype(np.float64), w.astype(np.float64), strides)
+    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64), strides)
     g = rng.normal(size=y.shape).astype(np.float32)
     want = (y, *adjoint(g.astype(np.float64)))
-    for got, ref in zip(_onednn_and_vjp(x, w, g, strides, jnp.float32), want, strict=True):
-        assert got.shape == ref.shape
-        # Sums of <= 9 C (kernel gradient: B H' W') O(1) float32 products: error ~1e-6 of the
-        # largest value; 1e-4 flags a wrong tap, padding side or stride (errors of O(1)).
-        scale = float(np.max(np.abs(ref))) + 1e-12
-        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=1e-4 * scale)
-    # bfloat16 operands, float32 accumulation: relative error near bfloat16's 2^-9 of the
-    # inputs; 2e-2 flags a bfloat16 accumulation or a wrong tap.
-    got_all = _onednn_and_vjp(x, w, g, strides, jnp.bfloat16)
-    assert [a.dtype for a in got_all] == [jnp.float32, jnp.bfloat16, jnp.float32]
-    for got, ref in zip(got_all, want, strict=True):
-        got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-        assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref) + 1e-6
+    assert_conv_and_grads_match(
+        _onednn_and_vjp(x, w, g, strides, jnp.float32),
+        _onednn_and_vjp(x, w, g, strides, jnp.bfloat16),
+        want,
+    )
 
 
 @needs_onednn
@@ -122,7 +85,7 @@ def test_vmap_over_inputs_and_over_kernels():
         per_input = jax.jit(jax.vmap(lambda a, s=s: onednn.conv3x3(a, w[0], s)))(x)
         per_kernel = jax.jit(jax.vmap(lambda a, b, s=s: onednn.conv3x3(a, b, s)))(x, w)
         for i in range(4):
-            want = _conv_f64(np.asarray(x[i], np.float64), np.asarray(w[0], np.float64), s)[0]
+            want = conv3x3_f64(np.asarray(x[i], np.float64), np.asarray(w[0], np.float64), s)[0]
             np.testing.assert_allclose(per_input[i], want, atol=1e-4, rtol=1e-4)
             np.testing.assert_allclose(per_kernel[i], one(x[i], w[i]), atol=1e-4, rtol=1e-4)
 
@@ -134,7 +97,7 @@ def test_conv3x3_module_runs_on_onednn_outside_the_winograd_rule():
     params = conv.init(jax.random.key(8), x)["params"]
     jaxpr = str(jax.make_jaxpr(lambda p: conv.apply({"params": p}, x))(params))
     assert "onednn_conv" in jaxpr and "conv_general_dilated" not in jaxpr
-    want = _conv_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64), 2)[0]
+    want = conv3x3_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64), 2)[0]
     np.testing.assert_allclose(conv.apply({"params": params}, x), want, atol=1e-4, rtol=1e-4)
 
 

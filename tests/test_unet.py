@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from _conv_reference import assert_conv_and_grads_match, conv3x3_f64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -181,30 +182,6 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
 
 
-def _conv3x3_f64(x, w):
-    """SAME 3x3 cross-correlation in float64 numpy: [B, H, W, C] x [3, 3, C, O] -> [B, H, W, O]."""
-    h, w_ = x.shape[1], x.shape[2]
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return sum(
-        np.einsum("bhwc,co->bhwo", xp[:, dy : dy + h, dx : dx + w_], w[dy, dx])
-        for dy in range(3)
-        for dx in range(3)
-    )
-
-
-def _conv3x3_grads_f64(x, w, g):
-    """(dL/dx, dL/dw) of L = <conv(x, w), g> in float64: the adjoint of the correlation."""
-    h, w_ = x.shape[1], x.shape[2]
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dxp = np.zeros_like(xp)
-    dw = np.zeros_like(w)
-    for dy in range(3):
-        for dx in range(3):
-            dxp[:, dy : dy + h, dx : dx + w_] += np.einsum("bhwo,co->bhwc", g, w[dy, dx])
-            dw[dy, dx] = np.einsum("bhwc,bhwo->co", xp[:, dy : dy + h, dx : dx + w_], g)
-    return dxp[:, 1:-1, 1:-1], dw
-
-
 @functools.partial(jax.jit, static_argnums=3)
 def _winograd_and_vjp(x, w, g, dtype):
     out, vjp = jax.vjp(lambda a, b: W.conv3x3_winograd(a, b, dtype), x.astype(dtype), w)
@@ -227,22 +204,13 @@ def test_winograd_convolution_and_its_gradients_match_float64(
     x = rng.normal(size=(batch, 2 * half_h, 2 * half_w, channels)).astype(np.float32)
     w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
     g = rng.normal(size=(batch, 2 * half_h, 2 * half_w, features)).astype(np.float32)
-    want = (_conv3x3_f64(x.astype(np.float64), w.astype(np.float64)),) + _conv3x3_grads_f64(
-        x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64))
+    want = (y, *adjoint(g.astype(np.float64)))
+    # The transforms add with weights +-1, +-1/2 (exact in binary): the tolerances of the
+    # direct form hold (_conv_reference).
+    assert_conv_and_grads_match(
+        _winograd_and_vjp(x, w, g, jnp.float32), _winograd_and_vjp(x, w, g, jnp.bfloat16), want
     )
-    for got, ref in zip(_winograd_and_vjp(x, w, g, jnp.float32), want, strict=True):
-        # Each value sums <= 9 C (or 9 B H W / 4 for the kernel gradient) O(1) products after
-        # transforms with weights +-1, +-1/2: float32 error ~1e-6 of the largest term.
-        # 1e-4 of the largest value flags a wrong tap, sign or tile (errors of O(1)).
-        scale = float(np.max(np.abs(ref))) + 1e-12
-        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=1e-4 * scale)
-    # bfloat16 operands, float32 accumulation: relative error near bfloat16's 2^-9 (measured
-    # 3.5e-3 to 7e-3); 2e-2 flags a bfloat16 accumulation or a wrong transform.
-    got_all = _winograd_and_vjp(x, w, g, jnp.bfloat16)
-    assert [a.dtype for a in got_all] == [jnp.float32, jnp.bfloat16, jnp.float32]
-    for got, ref in zip(got_all, want, strict=True):
-        got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-        assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref) + 1e-6
 
 
 def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
@@ -264,7 +232,7 @@ def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
     params = _randomize(conv.init(jax.random.key(8), x)["params"])
     jaxpr = str(jax.make_jaxpr(lambda p: conv.apply({"params": p}, x))(params))
     assert "conv_general_dilated" not in jaxpr  # the Winograd products, not XLA's convolution
-    want = _conv3x3_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64))
+    want = conv3x3_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64))[0]
     want = want + np.asarray(params["bias"], np.float64)
     got = np.asarray(conv.apply({"params": params}, x), np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))

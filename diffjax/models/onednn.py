@@ -189,7 +189,8 @@ def matmul(
 ) -> jax.Array:
     """Batched op(a) [B, N, K] @ op(b) [B, K, M] -> float32 [B, N, M] (op: transpose of the
     last two axes where asked). Operands in float32 or bfloat16, both the same dtype.
-    Not differentiable by itself: ``layers.bmm_nt`` / ``bmm_nn`` carry the VJPs."""
+    Not differentiable by itself: its callers (``layers.bmm_nt``, ``bmm_nn``, ``linear``,
+    ``winograd.conv3x3_winograd``) carry custom VJPs made of products."""
     return onednn_matmul_p.bind(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
