@@ -8,10 +8,9 @@ float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for b
 would. On CPU, 3x3 convolutions with >= 32 channels (64 without oneDNN) on maps of >= 16x16
 run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications) and the
 others on oneDNN (``conv3x3_onednn``; ``diffjax.models.onednn``), as do the attention products
-and the weight
-gradients of the dense layers; where oneDNN is not usable (``onednn.available``), XLA's
-convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16 compute is summed over
-cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops.
+and the weight gradients of the dense layers; where oneDNN is not usable
+(``onednn.available``), XLA's convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16
+compute is summed over cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops.
 
 Modules mirror flax.linen.Dense / Conv parameter names and shapes ("kernel", "bias"), so
 parameter trees are interchangeable with the flax layers (GroupNorm: ``normalization.py``).
