@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,6 +34,12 @@ def conv3x3_f64(x, w, s=1):
         return dxp[:, ht : ht + x.shape[1], wl : wl + x.shape[2]], dw
 
     return y, adjoint
+
+
+def conv_and_grads(conv, x, w, g) -> tuple:
+    """(conv(x, w), dL/dx, dL/dw) for L = <conv(x, w), g>."""
+    out, vjp = jax.vjp(conv, x, w)
+    return (out, *vjp(g))
 
 
 def assert_conv_and_grads_match(float32_results, bfloat16_results, want) -> None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
 import pytest
-from _conv_reference import assert_conv_and_grads_match, conv3x3_f64
+from _conv_reference import assert_conv_and_grads_match, conv3x3_f64, conv_and_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,8 +44,8 @@ needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN convolu
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _onednn_and_vjp(x, w, g, strides, dtype):
-    out, vjp = jax.vjp(lambda a, b: L.conv3x3_onednn(a, b, strides, dtype), x.astype(dtype), w)
-    return (out, *vjp(g))
+    conv = lambda a, b: L.conv3x3_onednn(a, b, strides, dtype)  # noqa: E731
+    return conv_and_grads(conv, x.astype(dtype), w, g)
 
 
 @needs_onednn
@@ -150,14 +150,13 @@ def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype):
     w = jax.random.normal(kw, (3, 3, 32, 24))
     g = jax.random.normal(kg, (2, 16, 16, 24))
 
-    def conv_and_grads(a, b):
-        out, vjp = jax.vjp(lambda a, b: winograd.conv3x3_winograd(a, b, dtype), a, b)
-        return (out, *vjp(g))
+    def outputs(a, b):
+        return conv_and_grads(lambda a, b: winograd.conv3x3_winograd(a, b, dtype), a, b, g)
 
     def run():
-        jaxpr = str(jax.make_jaxpr(conv_and_grads)(x.astype(dtype), w))
-        values = jax.jit(conv_and_grads)(x.astype(dtype), w)
-        return "onednn_matmul" in jaxpr, [np.asarray(v, np.float32) for v in values]
+        jaxpr = str(jax.make_jaxpr(outputs)(x.astype(dtype), w))
+        got = jax.jit(outputs)(x.astype(dtype), w)
+        return "onednn_matmul" in jaxpr, [np.asarray(v, np.float32) for v in got]
 
     on, fast = run()
     monkeypatch.setattr(onednn, "available", lambda: False)

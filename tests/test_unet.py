@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from _conv_reference import assert_conv_and_grads_match, conv3x3_f64
+from _conv_reference import assert_conv_and_grads_match, conv3x3_f64, conv_and_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -184,8 +184,8 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
 
 @functools.partial(jax.jit, static_argnums=3)
 def _winograd_and_vjp(x, w, g, dtype):
-    out, vjp = jax.vjp(lambda a, b: W.conv3x3_winograd(a, b, dtype), x.astype(dtype), w)
-    return (out, *vjp(g))
+    conv = lambda a, b: W.conv3x3_winograd(a, b, dtype)  # noqa: E731
+    return conv_and_grads(conv, x.astype(dtype), w, g)
 
 
 @settings(max_examples=10, deadline=None)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models import onednn, winograd
-from diffjax.models.primitives import F32, dot_f32, pad1
+from diffjax.models.primitives import F32, dot_f32, pad1, xla_conv
 
 # Reference-model initialisers: variance_scaling(scale, "fan_avg", "uniform"), scale 1 or ~0.
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -198,33 +198,26 @@ def kernel_grad_chunks(batch: int, pixels: int) -> int:
     return n
 
 
-def _xla_conv(x: jax.Array, k: jax.Array, strides: int) -> jax.Array:
-    dn = ("NHWC", "HWIO", "NHWC")
-    return jax.lax.conv_general_dilated(
-        x, k, (strides, strides), "SAME", dimension_numbers=dn, preferred_element_type=F32
-    )
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv3x3_xla(
     x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, chunks: int = 1
 ) -> jax.Array:
     """XLA's 3x3 SAME convolution (float32 [B, H', W', O]) whose kernel gradient is summed over
     ``chunks`` equal batch chunks (a divisor of B); otherwise exactly autodiff's gradients."""
-    return _xla_conv(x, kernel.astype(dtype), strides)
+    return xla_conv(x, kernel.astype(dtype), strides)
 
 
 def _xla_conv_fwd(x, kernel, strides, dtype, chunks):
-    return _xla_conv(x, kernel.astype(dtype), strides), (x, kernel)
+    return xla_conv(x, kernel.astype(dtype), strides), (x, kernel)
 
 
 def _xla_kernel_grad(x, kernel, g, strides, dtype, chunks):
-    """dL/dkernel of ``_xla_conv(x, kernel.astype(dtype), strides)``, summed over ``chunks``."""
+    """dL/dkernel of ``xla_conv(x, kernel.astype(dtype), strides)``, summed over ``chunks``."""
     c = x.shape[0] // chunks
     dk = None
     for i in range(chunks):
         xi, gi = x[i * c : (i + 1) * c], g[i * c : (i + 1) * c]
-        (part,) = jax.vjp(lambda kk, xi=xi: _xla_conv(xi, kk.astype(dtype), strides), kernel)[1](gi)
+        (part,) = jax.vjp(lambda kk, xi=xi: xla_conv(xi, kk.astype(dtype), strides), kernel)[1](gi)
         dk = part if dk is None else dk + part
     return dk
 
@@ -232,7 +225,7 @@ def _xla_kernel_grad(x, kernel, g, strides, dtype, chunks):
 def _xla_conv_bwd(strides, dtype, chunks, res, g):
     x, kernel = res
     k = kernel.astype(dtype)
-    (dx,) = jax.vjp(lambda a: _xla_conv(a, k, strides), x)[1](g)
+    (dx,) = jax.vjp(lambda a: xla_conv(a, k, strides), x)[1](g)
     return dx, _xla_kernel_grad(x, kernel, g, strides, dtype, chunks)
 
 
@@ -263,7 +256,7 @@ def _onednn_bwd(strides, dtype, chunks, res, g):
         flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)  # [3, 3, O, C]
         dx = onednn.conv3x3(g.astype(dtype), flipped, 1).astype(x.dtype)
     else:
-        (dx,) = jax.vjp(lambda a: _xla_conv(a, k, strides), x)[1](g)
+        (dx,) = jax.vjp(lambda a: xla_conv(a, k, strides), x)[1](g)
     return dx, _xla_kernel_grad(x, kernel, g, strides, dtype, chunks)
 
 

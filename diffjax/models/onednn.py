@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import platform
 
 import jax
@@ -35,7 +34,8 @@ from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import batching, mlir
 
-from diffjax.models.primitives import F32
+from diffjax import cpu_runtime
+from diffjax.models.primitives import F32, dot_f32, xla_conv
 
 CONV_TARGET = "__onednn$convolution"
 MATMUL_TARGET = "__onednn$matmul"
@@ -131,7 +131,7 @@ def _conv_batch(args, dims, **params):
     if k_dim is not None:  # JAX marks an unmapped operand with None
         x = batching.bdim_at_front(x, x_dim, kernel.shape[k_dim])
         kernel = jnp.moveaxis(kernel, k_dim, 0)
-        conv = functools.partial(_xla_conv, strides=params["strides"])
+        conv = functools.partial(xla_conv, strides=params["strides"])
         return jax.vmap(conv)(x, kernel), 0
     x = jnp.moveaxis(x, x_dim, 0)  # [V, B, H, W, C]
     out = onednn_conv_p.bind(x.reshape(-1, *x.shape[2:]), kernel, **params)
@@ -153,13 +153,6 @@ def conv3x3(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
     pad_lo = tuple(t // 2 for t in total)
     pad_hi = tuple(t - lo for t, lo in zip(total, pad_lo, strict=True))
     return onednn_conv_p.bind(x, kernel, strides=strides, pad_lo=pad_lo, pad_hi=pad_hi)
-
-
-def _xla_conv(x, kernel, strides):
-    dn = ("NHWC", "HWIO", "NHWC")
-    return jax.lax.conv_general_dilated(
-        x, kernel, (strides, strides), "SAME", dimension_numbers=dn, preferred_element_type=F32
-    )
 
 
 # --- batched matrix product --------------------------------------------------------------------
@@ -196,7 +189,7 @@ def matmul(
 
 def _xla_matmul(a, b, transpose_a, transpose_b):
     ca, cb = (1 if transpose_a else 2), (2 if transpose_b else 1)
-    return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((0,), (0,))), preferred_element_type=F32)
+    return dot_f32(a, b, (ca,), (cb,), batch=True)
 
 
 # oneDNN usable here -> the batched product. XLA:CPU gives batched products with few rows per
@@ -225,7 +218,7 @@ def _probe_cases(rng: np.random.Generator):
     a = rng.standard_normal((2, 4, 3)).astype(np.float32)  # op(a)
     b = rng.standard_normal((2, 3, 5)).astype(np.float32)  # op(b)
     for s in (1, 2):
-        yield conv3x3, _xla_conv, (s,), (x, k)
+        yield conv3x3, xla_conv, (s,), (x, k)
     for ta in (False, True):
         for tb in (False, True):
             stored = (np.swapaxes(a, 1, 2) if ta else a, np.swapaxes(b, 1, 2) if tb else b)
@@ -238,7 +231,7 @@ def available() -> bool:
     allow it, and a probe of every mode compiles and matches XLA's ops. Cached per process."""
     import jaxlib.version
 
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not cpu_runtime.env_enabled(ENV):
         return False
     if platform.machine() not in MACHINES:
         return False
