@@ -35,6 +35,12 @@ CASES = {
         r"ddim: 5 steps, median [\d.]+ s .* scan overhead [+-]?[\d.]+% of a forward(.|\n)*"
         r"DDPM-10 / DDIM-5 wall ratio [\d.]+x",
     ),
+    "recipe": (
+        "recipe.py --config=digits --batch=4 --steps=2 --runs=1 --warmup=1 --samples=2 "
+        "--sample-steps=10 --dtypes=float32".split(),
+        r"train digits float32: batch 4, [\d.]+ ms/step, \d+ img/s, [\d.e+-]+ TFLOP/s(.|\n)*"
+        r"sample digits bfloat16: 2 samples x 10 steps in [\d.]+ s .* scan overhead [+-][\d.]+%",
+    ),
     "conv_layers": (
         ["conv_layers.py", "--workload=digits", "--batch=2", "--runs=1"],
         r"all convolutions of one train step \(forward \+ backward\): diffjax [\d.]+ s, "
