@@ -213,6 +213,46 @@ def test_winograd_convolution_and_its_gradients_match_float64(
     )
 
 
+# Lavin & Gray 2016 eq. 8's B^T for F(2x2, 3x3).
+_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    half_h=st.integers(1, 5),
+    half_w=st.integers(1, 5),
+    channels=st.integers(1, 6),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
+    batch, half_h, half_w, channels, bf16, seed
+):
+    # Pixels m * 2^e (|m| < 128, 0 <= e <= 4) are exact in bfloat16 (8 significant bits), and
+    # each transformed entry is a +-sum of 4 of them that needs up to 13 bits (exact in float32
+    # and float64), so the result must be the float64 B^T d B rounded once to the dtype;
+    # rounding the partial sums on the way (two of the four in each) would differ.
+    rng = np.random.default_rng(seed)
+    h, w = 2 * half_h, 2 * half_w
+    shape = (batch, h, w, channels)
+    x = rng.integers(-127, 128, shape) * 2.0 ** rng.integers(0, 5, shape)  # float64
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    out = W.winograd_input(jnp.asarray(x, dtype))
+    assert out.dtype == dtype
+    got = np.asarray(out.astype(jnp.float32))
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.empty((4, 4, batch, half_h, half_w, channels))  # [column, row, B, H/2, W/2, C]
+    for i in range(half_h):
+        for j in range(half_w):
+            d = xp[:, 2 * i : 2 * i + 4, 2 * j : 2 * j + 4]  # [B, 4, 4, C] tile
+            v = np.einsum("rp,bpqc,sq->srbc", _BT, d, _BT)  # (B^T d B)[r, s] at [s, r]
+            want[:, :, :, i, j] = v
+    want = np.asarray(jnp.asarray(want.reshape(16, -1, channels), dtype).astype(jnp.float32))
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
 def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
     for fast in (True, False):  # products on oneDNN or on XLA
         assert W.use_winograd((16, 32, 32, 128), 128, fast)

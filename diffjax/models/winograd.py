@@ -68,12 +68,17 @@ def _untile_rows(t: jax.Array, axis: int) -> jax.Array:
 
 
 def winograd_input(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] (H, W even) -> B^T d B of every tile: [16, B * H/2 * W/2, C], same dtype."""
+    """[B, H, W, C] (H, W even) -> B^T d B of every tile: [16, B * H/2 * W/2, C], same dtype.
+
+    Summed in float32 and rounded once: bfloat16 sums would round each partial sum, and XLA:CPU
+    computes every bfloat16 operation as a float32 one between two conversions (small32
+    bfloat16 step 0.953 -> 0.923 s).
+    """
     b, h, w, c = x.shape
-    xp = pad1(x)  # [B, H+2, W+2, C]
+    xp = pad1(x.astype(F32))  # [B, H+2, W+2, C]
     rows = _tile_rows(xp, 1)  # [4, B, H/2, W+2, C]
     tiles = _tile_rows(rows, 3)  # [4 (cols), 4 (rows), B, H/2, W/2, C]
-    return tiles.reshape(16, b * (h // 2) * (w // 2), c)
+    return tiles.reshape(16, b * (h // 2) * (w // 2), c).astype(x.dtype)
 
 
 def _g_rows(k: jax.Array) -> jax.Array:
