@@ -17,16 +17,17 @@ from diffjax.models.normalization import GroupNorm, group_norm
 EPS = 1e-6
 
 
-def reference(x, scale, bias, groups):
-    """float64 group norm of x [B, H, W, C]."""
+def reference(x, scale, bias, groups, swish=False):
+    """float64 group norm of x [B, H, W, C], then swish(y) = y / (1 + exp(-y)) if asked."""
     b, h, w, c = x.shape
     xg = x.reshape(b, h * w, groups, c // groups)
     mean = xg.mean(axis=(1, 3), keepdims=True)
     var = xg.var(axis=(1, 3), keepdims=True)
-    return ((xg - mean) / np.sqrt(var + EPS)).reshape(x.shape) * scale + bias
+    y = ((xg - mean) / np.sqrt(var + EPS)).reshape(x.shape) * scale + bias
+    return y / (1.0 + np.exp(-y)) if swish else y
 
 
-def central_difference_grads(x, scale, bias, groups, dy, h=1e-6):
+def central_difference_grads(x, scale, bias, groups, dy, swish=False, h=1e-6):
     """Gradient of sum(reference * dy) w.r.t. each argument, one coordinate at a time."""
     args = [x.copy(), scale.copy(), bias.copy()]
     grads = []
@@ -35,9 +36,9 @@ def central_difference_grads(x, scale, bias, groups, dy, h=1e-6):
         for j in np.ndindex(a.shape):
             step = h * max(1.0, abs(a[j]))
             a[j] += step
-            up = np.sum(reference(*args, groups) * dy)
+            up = np.sum(reference(*args, groups, swish) * dy)
             a[j] -= 2 * step
-            down = np.sum(reference(*args, groups) * dy)
+            down = np.sum(reference(*args, groups, swish) * dy)
             a[j] += step
             g[j] = (up - down) / (2 * step)
         grads.append(g)
@@ -56,13 +57,14 @@ def cases(draw):
         h, w = 2, 2
     loc = draw(st.sampled_from([0.0, 30.0]))
     seed = draw(st.integers(0, 2**16))
-    return b, h, w, groups, per_group, loc, seed
+    swish = draw(st.booleans())
+    return b, h, w, groups, per_group, loc, seed, swish
 
 
 @settings(max_examples=12, deadline=None)
 @given(cases())
 def test_group_norm_value_and_gradients_match_float64(case):
-    b, h, w, groups, per_group, loc, seed = case
+    b, h, w, groups, per_group, loc, seed, swish = case
     c = groups * per_group
     rng = np.random.default_rng(seed)
     # Channel means spread inside a group plus a common offset `loc`: with loc=30 the naive
@@ -73,7 +75,7 @@ def test_group_norm_value_and_gradients_match_float64(case):
     dy = rng.normal(0, 1, (b, h, w, c))
 
     def f(xx, ss, bb):
-        return group_norm(xx, ss, bb, groups, EPS, jnp.float32)
+        return group_norm(xx, ss, bb, groups, EPS, jnp.float32, swish)
 
     args32 = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
     y, vjp = jax.vjp(f, *args32)
@@ -81,16 +83,37 @@ def test_group_norm_value_and_gradients_match_float64(case):
     # Inputs are rounded to float32 first; compare against the reference at those inputs.
     x32, s32, b32 = (np.asarray(a, np.float64) for a in args32)
     # Values: normalised entries are O(1) (|x - mean| / std <= sqrt(n) ~ 6); float32 rounding of
-    # the centred x (ulp(loc) / std ~ 2e-6 at loc=30) and of the statistics stays below 1e-5.
-    np.testing.assert_allclose(np.asarray(y), reference(x32, s32, b32, groups), atol=1e-5)
-    want = central_difference_grads(x32, s32, b32, groups, dy)
+    # the centred x (ulp(loc) / std ~ 2e-6 at loc=30) and of the statistics stays below 1e-5;
+    # swish's slope is at most 1.1, so the same bound holds after it.
+    want_y = reference(x32, s32, b32, groups, swish)
+    np.testing.assert_allclose(np.asarray(y), want_y, atol=1e-5)
+    want = central_difference_grads(x32, s32, b32, groups, dy, swish)
     for name, g, r in zip(("x", "scale", "bias"), got_grads, want, strict=True):
         # Central differences with h ~ 1e-6 are exact to ~1e-9 here; the float32 gradient sums
         # n <= 36 terms of size |dy| * |xhat| <= 6, so its error is well below 1e-4 of the
-        # largest entry. A wrong sign or a missing term (mean_G(g) or xhat mean_G(g xhat)) moves
-        # entries by O(1).
+        # largest entry (swish' is in [-0.1, 1.1]). A wrong sign or a missing term (mean_G(g),
+        # xhat mean_G(g xhat), or swish's y s (1 - s)) moves entries by O(1).
         tol = 1e-4 * max(1.0, np.max(np.abs(r)))
         np.testing.assert_allclose(np.asarray(g), r, atol=tol, rtol=0, err_msg=name)
+
+
+def test_group_norm_swish_bfloat16_rounds_once():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(3.0, 2.0, (2, 4, 4, 8)), jnp.bfloat16)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
+    bias = jnp.asarray(rng.normal(0, 1, 8), jnp.float32)
+    y, vjp = jax.vjp(
+        lambda a, s, b: group_norm(a, s, b, 4, EPS, jnp.bfloat16, True), x, scale, bias
+    )
+    dx = vjp(jnp.ones_like(y))[0]
+    assert (y.dtype, dx.dtype) == (jnp.bfloat16, jnp.bfloat16)
+    ref = reference(np.asarray(x, np.float64), np.asarray(scale), np.asarray(bias), 4, True)
+    # float32 throughout, one bfloat16 rounding of swish(y): within half an ulp of bfloat16 at
+    # each value (plus the float32 statistics' ~1e-6). Rounding y to bfloat16 before swish as
+    # well adds up to swish'(y) times another half ulp, which this bound does not allow.
+    half_ulp = 2.0 ** (np.floor(np.log2(np.abs(ref))) - 8)
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    assert np.all(err <= half_ulp * 1.001 + 1e-6), np.max(err / half_ulp)
 
 
 def test_group_norm_bfloat16_compute_dtypes_and_values():

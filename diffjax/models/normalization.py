@@ -12,7 +12,10 @@ statistics.
 
 Statistics and the arithmetic of the full-size loops are float32 whatever the compute dtype; the
 variance is taken about a per-(sample, group) shift, so it does not cancel when |mean| >> std as
-E[x^2] - E[x]^2 does.
+E[x^2] - E[x]^2 does. The swish that follows every GroupNorm in the U-Net is part of the same
+loops (``swish=True``): one rounding to the compute dtype instead of two, and no separate
+bfloat16 pass, whose every operation XLA:CPU computes between two conversions (small32 bfloat16
+step 0.896 -> 0.866 s; float32 unchanged).
 """
 
 from __future__ import annotations
@@ -68,17 +71,26 @@ def _statistics(
     return shift, centre, inv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def group_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float, dtype: Any
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    groups: int,
+    epsilon: float,
+    dtype: Any,
+    swish: bool = False,
 ) -> jax.Array:
     """Group normalisation of x [B, ..., C] (Wu & He 2018 eq. 1-3), result in ``dtype``.
 
     y = (x - mean_g) / sqrt(var_g + epsilon) * scale + bias, with mean_g and var_g over the
     spatial positions and the C / groups channels of each (sample, group); scale and bias are
-    float32 [C]; statistics and arithmetic are float32.
+    float32 [C]; statistics and arithmetic are float32. ``swish``: return swish(y) = y
+    sigmoid(y) (Ramachandran et al. 2017), which follows every GroupNorm of the DDPM U-Net,
+    computed in the same float32 loop and rounded once; its gradient reuses the saved input
+    instead of keeping y.
     """
-    return _group_norm_fwd(x, scale, bias, groups, epsilon, dtype)[0]
+    return _group_norm_fwd(x, scale, bias, groups, epsilon, dtype, swish)[0]
 
 
 def _bcast(v: jax.Array, ndim: int) -> jax.Array:
@@ -86,27 +98,42 @@ def _bcast(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape((v.shape[0],) + (1,) * (ndim - 2) + (v.shape[1],))
 
 
-def _group_norm_fwd(x, scale, bias, groups, epsilon, dtype):
+def _normalize(xs: jax.Array, scale, bias, centre, inv) -> jax.Array:
+    """float32 y from the shifted input xs = x - s [B, ..., C] and [B, C] statistics.
+
+    y = (x - s) a + (bias - (mean - s) a) with a = scale r: x - s is exact for x near s, unlike
+    x a - mean a.
+    """
+    a = scale * inv  # [B, C]
+    return xs * _bcast(a, xs.ndim) + _bcast(bias - centre * a, xs.ndim)
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, dtype, swish):
     b, c = x.shape[0], x.shape[-1]
     shift, centre, inv = _statistics(x.reshape(b, -1, c).astype(F32), groups, epsilon)
-    a = scale * inv  # [B, C]
-    # y = (x - s) a + (bias - (mean - s) a): x - s is exact for x near s, unlike x a - mean a.
-    xs = x.astype(F32) - _bcast(shift, x.ndim)
-    y = xs * _bcast(a, x.ndim) + _bcast(bias - centre * a, x.ndim)
-    return y.astype(dtype), (x, scale, shift, centre, inv)
+    y = _normalize(x.astype(F32) - _bcast(shift, x.ndim), scale, bias, centre, inv)
+    if swish:
+        y = y * jax.nn.sigmoid(y)
+    return y.astype(dtype), (x, scale, bias, shift, centre, inv)
 
 
-def _group_norm_bwd(groups, epsilon, dtype, res, dy):
+def _group_norm_bwd(groups, epsilon, dtype, swish, res, dy):
     """Closed-form gradient (as for batch norm, Ioffe & Szegedy 2015 sec. 3, per group).
 
     With xhat = (x - mean) r and g = dy * scale: dx = r (g - mean_G(g) - xhat mean_G(g xhat)),
     dscale = sum dy xhat, dbias = sum dy; mean_G is over the pixels and channels of a group.
+    With ``swish``, dy is first multiplied by swish'(y) = s (1 + y (1 - s)), s = sigmoid(y), y
+    recomputed from x.
     """
-    x, scale, shift, centre, inv = res
+    x, scale, bias, shift, centre, inv = res
     b, c = x.shape[0], x.shape[-1]
     hw = x.size // (b * c)
     xs = x.reshape(b, hw, c).astype(F32) - shift[:, None, :]  # [B, HW, C]
     dyf = dy.reshape(b, hw, c).astype(F32)
+    if swish:
+        y = _normalize(xs, scale, bias, centre, inv)
+        sig = jax.nn.sigmoid(y)
+        dyf = dyf * sig * (1.0 + y * (1.0 - sig))
     sum_dy = jnp.sum(dyf, axis=1)  # [B, C]
     sum_dyx = jnp.sum(dyf * xs, axis=1) - centre * sum_dy  # [B, C]  sum dy (x - mean)
     dbias = jnp.sum(sum_dy, axis=0)
@@ -120,27 +147,25 @@ def _group_norm_bwd(groups, epsilon, dtype, res, dy):
     # dx = dy (scale r) + (x - s) p + q, expanding xhat = ((x - s) - (mean - s)) r.
     p = -inv * inv * e2
     q = -inv * e1 - p * centre
-    dx = (
-        dy.astype(F32) * _bcast(scale * inv, x.ndim)
-        + xs.reshape(x.shape) * _bcast(p, x.ndim)
-        + _bcast(q, x.ndim)
-    )
-    return dx.astype(x.dtype), dscale, dbias
+    dx = dyf * (scale * inv)[:, None, :] + xs * p[:, None, :] + q[:, None, :]  # [B, HW, C]
+    return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class GroupNorm(nn.Module):
-    """Group normalisation layer (``group_norm``) with float32 ``scale`` and ``bias`` [C]."""
+    """Group normalisation layer (``group_norm``) with float32 ``scale`` and ``bias`` [C];
+    ``swish=True`` applies swish to its output in the same pass (same parameters)."""
 
     num_groups: int
     dtype: Any = F32
     epsilon: float = 1e-6
+    swish: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), F32)
         bias = self.param("bias", nn.initializers.zeros, (c,), F32)
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype, self.swish)

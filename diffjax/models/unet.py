@@ -95,8 +95,8 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def _norm(dtype: Any, name: str, groups: int = NUM_GROUPS) -> GroupNorm:
-    return GroupNorm(groups, dtype, NORM_EPS, name=name)
+def _norm(dtype: Any, name: str, groups: int = NUM_GROUPS, swish: bool = False) -> GroupNorm:
+    return GroupNorm(groups, dtype, NORM_EPS, swish, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -111,10 +111,10 @@ class ResnetBlock(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         # x: [B, H, W, Cin], temb: [B, 4ch]
         dt = self.dtype
-        h = nn.swish(_norm(dt, "norm1", self.num_groups)(x))
+        h = _norm(dt, "norm1", self.num_groups, swish=True)(x)
         h = L.Conv3x3(self.out_ch, dt, name="conv1")(h)  # [B, H, W, out]
         h = L.add_per_sample(h, L.Dense(self.out_ch, dt, name="temb_proj")(nn.swish(temb)))
-        h = nn.swish(_norm(dt, "norm2", self.num_groups)(h))
+        h = _norm(dt, "norm2", self.num_groups, swish=True)(h)
         h = L.Dropout(self.dropout)(h, train=train)
         h = L.Conv3x3(self.out_ch, dt, zero=True, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
@@ -311,6 +311,6 @@ class UNet(nn.Module):
                 h = Upsample(self.resamp_with_conv, dt, name=f"up_{level}_upsample")(h)
         assert not hs
 
-        h = nn.swish(_norm(dt, "norm_out", self.num_groups)(h))
+        h = _norm(dt, "norm_out", self.num_groups, swish=True)(h)
         h = L.Conv3x3(self.out_channels, dt, zero=True, name="conv_out")(h)  # [B, H, W, out]
         return h.astype(jnp.float32)
