@@ -5,9 +5,10 @@ Times the step ``train.py`` runs (``make_p_train_step``: the per-device ``train_
 donated) at the config's global batch, on device-resident synthetic batches (the input pipeline
 is not timed), for each compute dtype: median images/s over --runs runs of --steps steps after
 --warmup steps, the model's TFLOP/s (XLA's cost analysis with direct convolutions,
-``common.model_flops``), compile time and peak device memory. Then ancestral sampling (Ho et al.
-2020 Alg. 2, one ``lax.scan``) of --samples images x --sample-steps steps from the EMA
-parameters, and the scan's overhead per step over a dispatched forward at the same batch.
+``common.model_flops``), the first step's time (its compile) and peak device memory. Then
+ancestral sampling (Ho et al. 2020 Alg. 2, one ``lax.scan``) of --samples images x
+--sample-steps steps from the EMA parameters, and the scan's overhead per step over a
+dispatched forward at the same batch.
 
 The DDPM recipe on one GPU (bench/README.md, "GPU")::
 
@@ -85,10 +86,11 @@ def bench_train(config, dtype: str, warmup: int, steps: int, runs: int) -> dict:
     # sees the previous step's input.
     shard = jax.pmap(lambda a: a, axis_name=AXIS_NAME)
     gen = np.random.default_rng(0)
+    classes = max(int(config.model.num_classes or 0), 1)  # labels matter only when conditional
     batches = [
         {
             "image": shard(gen.uniform(-1, 1, (n_dev, b, size, size, channels)).astype("float32")),
-            "label": shard(gen.integers(0, 10, (n_dev, b)).astype("int32")),
+            "label": shard(gen.integers(0, classes, (n_dev, b)).astype("int32")),
         }
         for _ in range(2)
     ]
@@ -180,7 +182,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="cifar10", help="a configs/*.py name")
     p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument(
+        "--dtypes", default="bfloat16,float32", help="train-step compute dtypes ('': none)"
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="steps per timed run")
     p.add_argument("--runs", type=int, default=5)
@@ -189,7 +193,7 @@ def main() -> None:
     p.add_argument("--sample-dtype", default="bfloat16")
     p.add_argument("--sample-runs", type=int, default=2)
     args = p.parse_args()
-    dtypes = args.dtypes.split(",")
+    dtypes = [d for d in args.dtypes.split(",") if d]  # empty: sampling only
     for d in dtypes + [args.sample_dtype]:
         if d not in ("float32", "bfloat16"):
             sys.exit(f"error: dtype {d!r} not allowed; allowed: float32, bfloat16")
@@ -204,7 +208,8 @@ def main() -> None:
         rows.append(r)
         print(
             f"train {args.config} {dtype}: batch {r['batch']}, {r['step_s'] * 1e3:.2f} ms/step, "
-            f"{r['img_s']:.0f} img/s, {r['tflops']:.3g} TFLOP/s, compile {r['compile_s']:.1f} s, "
+            f"{r['img_s']:.0f} img/s, {r['tflops']:.3g} TFLOP/s, first step (compile) "
+            f"{r['compile_s']:.1f} s, "
             f"{r['memory']}, ms/step per run {r['runs']}",
             flush=True,
         )
