@@ -23,7 +23,6 @@ A tiny run that checks the script on a CPU::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import optax  # noqa: E402
 from common import environment, make_inputs, median_seconds, model_flops, peak_rss_mib  # noqa: E402
 from flax import jax_utils  # noqa: E402
 
+from diffjax.config_validation import load_config_file  # noqa: E402
 from diffjax.models import create_model  # noqa: E402
 from diffjax.sampling import make_model_fn, sample, space_timesteps  # noqa: E402
 from diffjax.schedules import make_schedule  # noqa: E402
@@ -53,10 +53,7 @@ def load_config(name: str):
     if not os.path.exists(path):
         known = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f[-3:] == ".py")
         sys.exit(f"error: --config {name!r} not found; allowed: {', '.join(known)}")
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(path)
 
 
 def device_memory() -> str:

@@ -45,6 +45,7 @@ __all__ = [
     "exit_on_unknown_overrides",
     "exit_with_config_error",
     "format_config_error",
+    "load_config_file",
     "override_problems",
     "validate_config",
 ]
@@ -398,7 +399,7 @@ def _config_file_from_argv(argv: Sequence[str], flag: str) -> str | None:
     return None
 
 
-def _load_config_file(path: str) -> Any:
+def load_config_file(path: str) -> Any:
     """``get_config()`` of a config file given as ``PATH[:ARG]``, as ml_collections' flag does."""
     file, *arg = path.split(":", 1)
     spec = importlib.util.spec_from_file_location("diffjax_config_file", file)
@@ -419,7 +420,7 @@ def exit_on_unknown_overrides(
     """
     path = _config_file_from_argv(argv, flag) or str(default_config)
     try:
-        config = _load_config_file(path)
+        config = load_config_file(path)
         problems = override_problems(config, argv, flag)
     except Exception:  # noqa: BLE001 - loading errors are reported by the flag itself
         return
