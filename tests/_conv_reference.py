@@ -42,20 +42,26 @@ def conv_and_grads(conv, x, w, g) -> tuple:
     return (out, *vjp(g))
 
 
-def assert_conv_and_grads_match(float32_results, bfloat16_results, want) -> None:
+_BF16_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float32)
+
+
+def assert_conv_and_grads_match(
+    float32_results, bfloat16_results, want, bfloat16_dtypes=_BF16_DTYPES
+) -> None:
     """(y, dx, dw) in float32 and in bfloat16 compute against float64 ``want``.
 
     float32: each value sums <= 9 C (the kernel gradient: B H' W') O(1) products, so its error
     is ~1e-6 of the largest value; 1e-4 of it flags a wrong tap, sign, tile, padding side or
     stride (errors of O(1)). bfloat16 operands with float32 accumulation: relative error near
     bfloat16's 2^-9 (measured 3.5e-3 to 7e-3); 2e-2 flags a bfloat16 accumulation or a wrong
-    tap. The input gradient comes back in the input's dtype, the others in float32.
+    tap. The input gradient comes back in the input's dtype, the others in float32 (or in
+    ``bfloat16_dtypes``: a GPU convolution's result is bfloat16, one more rounding).
     """
     for got, ref in zip(float32_results, want, strict=True):
         assert got.shape == ref.shape
         scale = float(np.max(np.abs(ref))) + 1e-12
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=1e-4 * scale)
-    assert [a.dtype for a in bfloat16_results] == [jnp.float32, jnp.bfloat16, jnp.float32]
+    assert [a.dtype for a in bfloat16_results] == list(bfloat16_dtypes)
     for got, ref in zip(bfloat16_results, want, strict=True):
         got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
         assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref) + 1e-6

@@ -10,7 +10,9 @@ run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplica
 others on oneDNN (``conv3x3_onednn``; ``diffjax.models.onednn``), as do the attention products
 and the weight gradients of the dense layers; where oneDNN is not usable
 (``onednn.available``), XLA's convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16
-compute is summed over cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops.
+compute is summed over cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops:
+``conv3x3_xla``, whose backward convolutions also take bfloat16 operands, and on GPUs gives
+bfloat16 results in bfloat16 compute (``CONV_RESULT``).
 
 Modules mirror flax.linen.Dense / Conv parameter names and shapes ("kernel", "bias"), so
 parameter trees are interchangeable with the flax layers (GroupNorm: ``normalization.py``).
@@ -26,7 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models import onednn, winograd
-from diffjax.models.primitives import F32, dot_f32, pad1, xla_conv
+from diffjax.models.primitives import (
+    F32,
+    dot_f32,
+    pad1,
+    xla_conv,
+    xla_conv_input_grad,
+    xla_conv_kernel_grad,
+)
 
 # Reference-model initialisers: variance_scaling(scale, "fan_avg", "uniform"), scale 1 or ~0.
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -111,14 +120,16 @@ def _pixel_sum_dot(g: jax.Array) -> jax.Array:
     return dot_f32(g.reshape(b, h * w, c), ones, (1,), (0,))
 
 
-# Compute dtype -> sum over pixels (float32 [B, C]). In a bfloat16 program XLA:CPU fuses the
-# conversions around the reduction into one scalar loop (3.8 ms on [16, 32, 32, 128]; 0.1 ms as
-# YNNPACK's reduction, 1.0 ms as a product); float32 keeps YNNPACK's reduction.
-_PIXEL_SUM = {jnp.dtype(jnp.bfloat16): _pixel_sum_dot}
+# (platform, compute dtype) -> sum over pixels (float32 [B, C]); others: a float32 reduction.
+# In a bfloat16 program XLA:CPU fuses the conversions around the reduction into one scalar loop
+# (3.8 ms on [16, 32, 32, 128]; 0.1 ms as YNNPACK's reduction, 1.0 ms as a product); float32
+# keeps YNNPACK's reduction, and GPUs fuse the reduction with its producers.
+_PIXEL_SUM = {("cpu", jnp.dtype(jnp.bfloat16)): _pixel_sum_dot}
 
 
 def _pixel_sum(g: jax.Array) -> jax.Array:
-    return _PIXEL_SUM.get(g.dtype, lambda a: jnp.sum(a.astype(F32), (1, 2)))(g)
+    sum_f32 = lambda a: jnp.sum(a.astype(F32), (1, 2))  # noqa: E731
+    return _PIXEL_SUM.get((jax.default_backend(), g.dtype), sum_f32)(g)
 
 
 @jax.custom_vjp
@@ -198,35 +209,37 @@ def kernel_grad_chunks(batch: int, pixels: int) -> int:
     return n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv3x3_xla(
-    x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, chunks: int = 1
+    x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, chunks: int = 1, out: Any = F32
 ) -> jax.Array:
-    """XLA's 3x3 SAME convolution (float32 [B, H', W', O]) whose kernel gradient is summed over
-    ``chunks`` equal batch chunks (a divisor of B); otherwise exactly autodiff's gradients."""
-    return xla_conv(x, kernel.astype(dtype), strides)
+    """XLA's 3x3 SAME convolution, [B, H', W', O] in ``out`` (None: the compute dtype), whose
+    backward convolutions take the cotangent in the compute dtype, as the forward takes x and
+    the kernel (autodiff would run them on float32 operands: ``primitives.xla_conv_input_grad``)
+    and return ``out`` too, and whose kernel gradient is summed over ``chunks`` equal batch
+    chunks (a divisor of B) in float32. In float32, exactly autodiff's gradients."""
+    return xla_conv(x, kernel.astype(dtype), strides, out)
 
 
-def _xla_conv_fwd(x, kernel, strides, dtype, chunks):
-    return xla_conv(x, kernel.astype(dtype), strides), (x, kernel)
+def _xla_conv_fwd(x, kernel, strides, dtype, chunks, out):
+    return xla_conv(x, kernel.astype(dtype), strides, out), (x, kernel)
 
 
-def _xla_kernel_grad(x, kernel, g, strides, dtype, chunks):
-    """dL/dkernel of ``xla_conv(x, kernel.astype(dtype), strides)``, summed over ``chunks``."""
+def _xla_kernel_grad(x, g, strides, chunks, out=F32):
+    """float32 dL/dkernel from x and g [B, ...] (one dtype), summed over ``chunks``."""
     c = x.shape[0] // chunks
-    dk = None
-    for i in range(chunks):
-        xi, gi = x[i * c : (i + 1) * c], g[i * c : (i + 1) * c]
-        (part,) = jax.vjp(lambda kk, xi=xi: xla_conv(xi, kk.astype(dtype), strides), kernel)[1](gi)
-        dk = part if dk is None else dk + part
-    return dk
+    parts = (
+        xla_conv_kernel_grad(x[i * c : (i + 1) * c], g[i * c : (i + 1) * c], strides, out)
+        for i in range(chunks)
+    )
+    return functools.reduce(jnp.add, (part.astype(F32) for part in parts))
 
 
-def _xla_conv_bwd(strides, dtype, chunks, res, g):
+def _xla_conv_bwd(strides, dtype, chunks, out, res, g):
     x, kernel = res
-    k = kernel.astype(dtype)
-    (dx,) = jax.vjp(lambda a: xla_conv(a, k, strides), x)[1](g)
-    return dx, _xla_kernel_grad(x, kernel, g, strides, dtype, chunks)
+    g = g.astype(dtype)  # [B, H', W', O]
+    dx = xla_conv_input_grad(g, kernel.astype(dtype), strides, x.shape[1:3], out)
+    return dx.astype(x.dtype), _xla_kernel_grad(x, g, strides, chunks, out)
 
 
 conv3x3_xla.defvjp(_xla_conv_fwd, _xla_conv_bwd)
@@ -256,8 +269,10 @@ def _onednn_bwd(strides, dtype, chunks, res, g):
         flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)  # [3, 3, O, C]
         dx = onednn.conv3x3(g.astype(dtype), flipped, 1).astype(x.dtype)
     else:
-        (dx,) = jax.vjp(lambda a: xla_conv(a, k, strides), x)[1](g)
-    return dx, _xla_kernel_grad(x, kernel, g, strides, dtype, chunks)
+        dx = xla_conv_input_grad(g, k.astype(F32), strides, x.shape[1:3]).astype(x.dtype)
+    # float32 operands: XLA:CPU computes bfloat16 convolutions in float32 anyway, and this
+    # kernel-gradient convolution was measured (and chunked) in float32.
+    return dx, _xla_kernel_grad(x.astype(F32), g, strides, chunks)
 
 
 conv3x3_onednn.defvjp(_onednn_fwd, _onednn_bwd)
@@ -292,6 +307,15 @@ def conv3x3_algorithm(
     return "xla"
 
 
+# Platform -> dtype of XLA's convolution results, where not float32 (None: the compute dtype,
+# as torch's autocast does). cuDNN accumulates bfloat16 convolutions in float32 either way, but
+# asked for a float32 result XLA:GPU runs them as TF32 convolutions on float32 copies: on an
+# H100 a CIFAR-10 layer's forward + both gradients took 0.723 ms ([128, 32, 32, 128] -> 128)
+# and 0.784 ms ([128, 16, 16, 256] -> 256), as in float32, and 0.453 / 0.399 ms with bfloat16
+# results (bench/conv_dtypes.py). The kernel gradient is still summed in float32.
+CONV_RESULT = {"gpu": None}
+
+
 def _chunks(x: jax.Array, dtype: Any, platform: str) -> int:
     # Chunked kernel gradients pay off under XLA's default YNNPACK convolutions (kept for
     # bfloat16 on CPU); float32 runs under cpu_runtime's fusions, where one call is faster.
@@ -300,7 +324,7 @@ def _chunks(x: jax.Array, dtype: Any, platform: str) -> int:
     return kernel_grad_chunks(x.shape[0], x.shape[1] * x.shape[2]) if bf16 and cpu else 1
 
 
-# algorithm -> (x, kernel, strides, dtype, platform) -> float32 [B, H', W', O]
+# algorithm -> (x, kernel, strides, dtype, platform) -> [B, H', W', O], float32 but on GPUs
 _CONV3X3 = {
     "winograd": lambda x, kernel, strides, dtype, platform: winograd.conv3x3_winograd(
         x, kernel, dtype
@@ -310,7 +334,7 @@ _CONV3X3 = {
     ),
     "dots": lambda x, kernel, strides, dtype, platform: conv3x3_dots(x, kernel, dtype),
     "xla": lambda x, kernel, strides, dtype, platform: conv3x3_xla(
-        x, kernel, strides, dtype, _chunks(x, dtype, platform)
+        x, kernel, strides, dtype, _chunks(x, dtype, platform), CONV_RESULT.get(platform, F32)
     ),
 }
 
@@ -347,7 +371,7 @@ class Conv3x3(nn.Module):
         x = x.astype(self.dtype)
         platform = jax.default_backend()
         algorithm = conv3x3_algorithm(x.shape, self.features, self.strides, self.dtype, platform)
-        y = _CONV3X3[algorithm](x, kernel, self.strides, self.dtype, platform)  # float32
+        y = _CONV3X3[algorithm](x, kernel, self.strides, self.dtype, platform)
         return (y + bias).astype(self.dtype)
 
 

@@ -5,10 +5,10 @@ count: written naively, XLA:CPU fuses the per-(sample, group) statistics into th
 elementwise loops and recomputes them per element through a [B, G] -> [B, C] expansion, whose
 index arithmetic keeps the loop from vectorising (a [64, 32, 32, 96] normalise + swish took 5.7 ms
 instead of 1.7 ms). Here every statistic reaches those loops as a per-(sample, channel) [B, C]
-array that XLA keeps materialised (``_expand`` is a matrix product, which XLA does not fuse into
-its consumers), so each full-size loop only broadcasts [B, C] operands. The backward pass is the
-closed form (two reductions and one elementwise pass) instead of autodiff's chain through the
-statistics.
+array that XLA keeps materialised (on the CPU ``_expand`` is a matrix product, which XLA does
+not fuse into its consumers), so each full-size loop only broadcasts [B, C] operands. The
+backward pass is the closed form (two reductions and one elementwise pass) instead of
+autodiff's chain through the statistics.
 
 Statistics and the arithmetic of the full-size loops are float32 whatever the compute dtype; the
 variance is taken about a per-(sample, group) shift, so it does not cancel when |mean| >> std as
@@ -31,18 +31,34 @@ import numpy as np
 from diffjax.models.primitives import F32
 
 
-def _expand(v: jax.Array, channels: int) -> jax.Array:
+def _expand_product(v: jax.Array, channels: int) -> jax.Array:
     """[..., G] per-group values -> [..., C], each channel taking its group's value.
 
     A product with the [G, C] 0/1 group-membership matrix (exact: one term per output) rather
-    than a reshape: XLA keeps a product's result materialised, so the full-size loops that use
-    it read a plain [B, C] array instead of recomputing the [B, G] -> [B, C] expansion per
+    than a reshape: XLA:CPU keeps a product's result materialised, so the full-size loops that
+    use it read a plain [B, C] array instead of recomputing the [B, G] -> [B, C] expansion per
     element. (0 x inf = nan: a non-finite statistic in one group spreads to the sample's other
     groups, where a reshape would keep it in its own.)
     """
     groups = v.shape[-1]
     member = np.kron(np.eye(groups, dtype=np.float32), np.ones((1, channels // groups), np.float32))
     return jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
+
+
+def _expand_repeat(v: jax.Array, channels: int) -> jax.Array:
+    """``_expand_product`` as a repeat, which XLA:GPU fuses into its consumers; as a product
+    each GroupNorm cost a kernel, and compiling them for the GPU (one matrix-product fusion
+    each, tuned one by one) cost minutes."""
+    return jnp.repeat(v, channels // v.shape[-1], axis=-1)
+
+
+# Platform -> how per-group statistics reach the channels; others: ``_expand_repeat``.
+_EXPAND = {"cpu": _expand_product}
+
+
+def _expand(v: jax.Array, channels: int) -> jax.Array:
+    """[..., G] -> [..., C] (the channels of group g take v[..., g]), per platform."""
+    return _EXPAND.get(jax.default_backend(), _expand_repeat)(v, channels)
 
 
 def _group_mean(v: jax.Array, groups: int) -> jax.Array:

@@ -35,7 +35,7 @@ from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import batching, mlir
 
 from diffjax import cpu_runtime
-from diffjax.models.primitives import F32, dot_f32, xla_conv
+from diffjax.models.primitives import F32, dot_f32, same_padding, xla_conv
 
 CONV_TARGET = "__onednn$convolution"
 MATMUL_TARGET = "__onednn$matmul"
@@ -148,10 +148,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
     float32 or bfloat16 (both the same dtype); the result accumulates and is stored in float32.
     Not differentiable by itself: ``layers.conv3x3_onednn`` carries the VJP.
     """
-    # SAME: ceil(n / strides) outputs along each spatial dimension, the odd zero after.
-    total = [max((-(-n // strides) - 1) * strides + 3 - n, 0) for n in x.shape[1:3]]
-    pad_lo = tuple(t // 2 for t in total)
-    pad_hi = tuple(t - lo for t, lo in zip(total, pad_lo, strict=True))
+    pad_lo, pad_hi = zip(*(same_padding(n, strides) for n in x.shape[1:3]), strict=True)
     return onednn_conv_p.bind(x, kernel, strides=strides, pad_lo=pad_lo, pad_hi=pad_hi)
 
 
