@@ -14,6 +14,9 @@ The DDPM recipe on one GPU (bench/README.md, "GPU")::
 
     python bench/recipe.py --config cifar10 --dtypes bfloat16,float32 --samples 256
 
+``--profile DIR`` also traces a few steps per dtype and prints where their time goes
+(``trace_summary.py``; the trace stays in DIR/<dtype> for TensorBoard or XProf).
+
 A tiny run that checks the script on a CPU::
 
     python bench/recipe.py --config digits --batch 4 --steps 2 --runs 1 --samples 2 \
@@ -38,6 +41,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import environment, make_inputs, median_seconds, model_flops, peak_rss_mib  # noqa: E402
 from flax import jax_utils  # noqa: E402
+from trace_summary import summarize  # noqa: E402
 
 from diffjax.config_validation import load_config_file  # noqa: E402
 from diffjax.models import create_model  # noqa: E402
@@ -64,7 +68,15 @@ def device_memory() -> str:
     return f"{peak_rss_mib() / 1024:.2f} GiB peak RSS"
 
 
-def bench_train(config, dtype: str, warmup: int, steps: int, runs: int) -> dict:
+def bench_train(
+    config,
+    dtype: str,
+    warmup: int,
+    steps: int,
+    runs: int,
+    profile: str = "",
+    profile_steps: int = 5,
+) -> dict:
     config = config.copy_and_resolve_references()
     config.model.dtype = dtype
     model = create_model(config)
@@ -111,6 +123,14 @@ def bench_train(config, dtype: str, warmup: int, steps: int, runs: int) -> dict:
     run(warmup)
     med, times = median_seconds(lambda: run(steps), warmup=0, runs=runs)
     step_s = med / steps
+    summary = ""
+    if profile:
+        logdir = os.path.join(profile, dtype)
+        with jax.profiler.trace(logdir):
+            t0 = time.perf_counter()
+            run(profile_steps)
+            wall = time.perf_counter() - t0
+        summary = summarize(logdir, profile_steps, wall_s=wall)
     # The model's FLOPs per device: forward, MSE, backward and Adam at the per-device batch.
     params = jax.tree.map(lambda a: a[0], p_state.params)
     x, t, target = make_inputs(b, size, channels)
@@ -125,6 +145,7 @@ def bench_train(config, dtype: str, warmup: int, steps: int, runs: int) -> dict:
         compile_s=compile_s,
         runs=[round(v / steps * 1e3, 2) for v in times],
         memory=device_memory(),
+        profile=summary,
     )
 
 
@@ -189,6 +210,13 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=1000)
     p.add_argument("--sample-dtype", default="bfloat16")
     p.add_argument("--sample-runs", type=int, default=2)
+    p.add_argument(
+        "--profile",
+        default="",
+        help="trace --profile-steps more train steps per dtype into PROFILE/<dtype> with "
+        "jax.profiler and print where their time goes (bench/trace_summary.py)",
+    )
+    p.add_argument("--profile-steps", type=int, default=5)
     args = p.parse_args()
     dtypes = [d for d in args.dtypes.split(",") if d]  # empty: sampling only
     for d in dtypes + [args.sample_dtype]:
@@ -201,7 +229,9 @@ def main() -> None:
     print(environment(), flush=True)
     rows = []
     for dtype in dtypes:
-        r = bench_train(config, dtype, args.warmup, args.steps, args.runs)
+        r = bench_train(
+            config, dtype, args.warmup, args.steps, args.runs, args.profile, args.profile_steps
+        )
         rows.append(r)
         print(
             f"train {args.config} {dtype}: batch {r['batch']}, {r['step_s'] * 1e3:.2f} ms/step, "
@@ -210,6 +240,8 @@ def main() -> None:
             f"{r['memory']}, ms/step per run {r['runs']}",
             flush=True,
         )
+        if r["profile"]:
+            print(r["profile"], flush=True)
     if args.samples:
         s = bench_sampling(
             config, args.sample_dtype, args.samples, args.sample_steps, args.sample_runs

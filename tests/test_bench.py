@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +39,15 @@ CASES = {
     ),
     "recipe": (
         "recipe.py --config=digits --batch=4 --steps=2 --runs=1 --warmup=1 --samples=2 "
-        "--sample-steps=10 --dtypes=float32".split(),
-        r"train digits float32: batch 4, [\d.]+ ms/step, \d+ img/s, [\d.e+-]+ TFLOP/s(.|\n)*"
+        "--sample-steps=10 --dtypes=float32 --profile={tmp} --profile-steps=2".split(),
+        r"train digits float32: batch 4, [\d.]+ ms/step, \d+ img/s, [\d.e+-]+ TFLOP/s.*\n"
+        r"host time per step: [\d.]+ ms in \d+ events\n(.|\n)*top 25 ops(.|\n)*"
         r"sample digits bfloat16: 2 samples x 10 steps in [\d.]+ s .* scan overhead [+-][\d.]+%",
+    ),
+    "conv_dtypes": (
+        ["conv_dtypes.py", "--shapes=2x8x8x4x4", "--runs=1"],
+        r"\[2, 8, 8, 4\] -> 4, bf16 operands, bf16 result: [\d.]+ ms, [\d.e+-]+ TFLOP/s\n +[\d.]+ "
+        r"+1\.0 +\S",
     ),
     "conv_layers": (
         ["conv_layers.py", "--workload=digits", "--batch=2", "--runs=1"],
@@ -51,8 +59,35 @@ CASES = {
 
 @pytest.mark.slow  # subprocesses that compile a U-Net and build its torch twin
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_benchmark_runs_and_reports(name):
+def test_benchmark_runs_and_reports(name, tmp_path):
     args, pattern = CASES[name]
-    res = _bench(*args)
+    res = _bench(*(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert res.returncode == 0, res.stderr[-3000:]
     assert re.search(pattern, res.stdout), res.stdout[-3000:]
+
+
+def _trace_summary():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import trace_summary
+
+    return trace_summary
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)), max_size=12))
+def test_trace_busy_time_is_the_union_of_the_kernels_intervals(spans):
+    # Against a unit-step timeline: covered instants of [start, start + duration).
+    evs = [("op", "kernel", start, dur) for start, dur in spans]
+    covered = set()
+    for start, dur in spans:
+        covered.update(range(start, start + dur))
+    assert _trace_summary().busy_ns(evs) == len(covered)
+
+
+def test_trace_categories_read_the_op_then_the_kernel():
+    cat = _trace_summary().category
+    assert cat("cudnn-conv-bw-filter.3", "sm90_xmma_wgrad_x") == "convolution, kernel gradient"
+    assert cat("command_buffer_2", "input_reduce_fusion_1") == "reduction fusion"
+    assert cat("all-reduce.1", "nccl") == "collective"
+    assert cat("custom-call.4", "memcpy32_post") == "copy / memset"
+    assert cat("mystery", "mystery") == "other"
