@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import strategies as st
 
 
 def same_pads(n: int, s: int) -> tuple[int, int]:
@@ -65,3 +66,26 @@ def assert_conv_and_grads_match(
     for got, ref in zip(bfloat16_results, want, strict=True):
         got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
         assert np.linalg.norm(got - ref) <= 2e-2 * np.linalg.norm(ref) + 1e-6
+
+
+# Hypothesis arguments of ``float64_case``: odd and even sides, both strides.
+CONV_CASES = dict(
+    batch=st.integers(1, 3),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    channels=st.integers(1, 9),
+    features=st.integers(1, 9),
+    strides=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+def float64_case(batch, height, width, channels, features, strides, seed) -> tuple:
+    """(x, w, g, (y, dL/dx, dL/dw)): float32 normal input, kernel and cotangent, and the
+    float64 convolution and gradients they give (``conv3x3_f64``)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
+    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
+    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64), strides)
+    g = rng.normal(size=y.shape).astype(np.float32)
+    return x, w, g, (y, *adjoint(g.astype(np.float64)))

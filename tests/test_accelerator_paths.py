@@ -8,14 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _conv_reference import assert_conv_and_grads_match, conv3x3_f64
+from _conv_reference import CONV_CASES, assert_conv_and_grads_match, float64_case
+from _tiny_unet import tiny_unet_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffjax.models import init_params
 from diffjax.models import layers as L
 from diffjax.models import normalization as N
-from diffjax.models.unet import UNet
 
 BF16 = jnp.bfloat16
 
@@ -27,33 +26,18 @@ def _xla_conv_and_vjp(x, w, g, strides, dtype, out):
     return (y, *vjp(g.astype(y.dtype)))
 
 
-_CONV_CASES = dict(
-    batch=st.integers(1, 3),
-    height=st.integers(1, 9),
-    width=st.integers(1, 9),
-    channels=st.integers(1, 9),
-    features=st.integers(1, 9),
-    strides=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**31 - 1),
-)
-
-
 @settings(max_examples=12, deadline=None)
-@given(**_CONV_CASES)
+@given(**CONV_CASES)
 def test_xla_convolution_gradients_match_float64(
     batch, height, width, channels, features, strides, seed
 ):
-    # Odd and even sides, both strides: the transposed convolutions' paddings and dilations.
+    # The transposed convolutions' paddings and dilations on odd and even sides, both strides.
     # float32 with float32 results (CPU form); bfloat16 with bfloat16 results (GPU form).
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
-    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
-    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64), strides)
-    g = rng.normal(size=y.shape).astype(np.float32)
+    x, w, g, want = float64_case(batch, height, width, channels, features, strides, seed)
     assert_conv_and_grads_match(
         _xla_conv_and_vjp(x, w, g, strides, jnp.float32, jnp.float32),
         _xla_conv_and_vjp(x, w, g, strides, BF16, None),
-        (y, *adjoint(g.astype(np.float64))),
+        want,
         bfloat16_dtypes=(BF16, BF16, jnp.float32),
     )
 
@@ -95,22 +79,7 @@ def test_group_expansions_agree_exactly(lead, groups, per_group, seed):
 
 def _unet_loss_and_grads(platform: str, dtype, monkeypatch):
     """The tiny U-Net's loss and gradients as traced for ``platform`` (run on the CPU)."""
-    model = UNet(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), out_channels=1, dtype=dtype
-    )
-    initial = init_params(model, jax.random.key(0), 8, 1)
-    # Random leaves: the zero-initialised output convolutions would hide everything before them.
-    leaves, tree = jax.tree.flatten(initial)
-    keys = jax.random.split(jax.random.key(5), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
-    )
-    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
-    t = jnp.array([0, 10, 500, 999])
-
-    def loss(p):
-        return jnp.sum(model.apply({"params": p}, x, t, train=False) ** 2)
-
+    loss, params = tiny_unet_loss(dtype)
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
     jax.clear_caches()  # JAX caches the traces of custom VJP rules
     try:

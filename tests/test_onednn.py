@@ -11,13 +11,18 @@ import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
 import pytest
-from _conv_reference import assert_conv_and_grads_match, conv3x3_f64, conv_and_grads
+from _conv_reference import (
+    CONV_CASES,
+    assert_conv_and_grads_match,
+    conv3x3_f64,
+    conv_and_grads,
+    float64_case,
+)
+from _tiny_unet import tiny_unet_loss
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from diffjax.models import init_params, onednn
 from diffjax.models import layers as L
-from diffjax.models.unet import UNet
+from diffjax.models import onednn
 
 
 def test_available_on_the_checked_jaxlib_and_x86():
@@ -50,24 +55,11 @@ def _onednn_and_vjp(x, w, g, strides, dtype):
 
 @needs_onednn
 @settings(max_examples=12, deadline=None)
-@given(
-    batch=st.integers(1, 3),
-    height=st.integers(1, 9),
-    width=st.integers(1, 9),
-    channels=st.integers(1, 9),
-    features=st.integers(1, 9),
-    strides=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**CONV_CASES)
 def test_convolution_and_gradients_match_float64(
     batch, height, width, channels, features, strides, seed
 ):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
-    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
-    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64), strides)
-    g = rng.normal(size=y.shape).astype(np.float32)
-    want = (y, *adjoint(g.astype(np.float64)))
+    x, w, g, want = float64_case(batch, height, width, channels, features, strides, seed)
     assert_conv_and_grads_match(
         _onednn_and_vjp(x, w, g, strides, jnp.float32),
         _onednn_and_vjp(x, w, g, strides, jnp.bfloat16),
@@ -105,19 +97,7 @@ def test_conv3x3_module_runs_on_onednn_outside_the_winograd_rule():
 def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
     # The whole network (convolutions, attention products, projections) on oneDNN vs on XLA's
     # ops: the same function, so the same loss and gradients up to float32 summation order.
-    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), out_channels=1)
-    initial = init_params(model, jax.random.key(0), 8, 1)
-    # Random leaves: the zero-initialised output convolutions would hide everything before them.
-    leaves, tree = jax.tree.flatten(initial)
-    keys = jax.random.split(jax.random.key(5), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
-    )
-    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
-    t = jnp.array([0, 10, 500, 999])
-
-    def loss(p):
-        return jnp.sum(model.apply({"params": p}, x, t, train=False) ** 2)
+    loss, params = tiny_unet_loss()
 
     def traced_with_onednn():
         return "onednn" in str(jax.make_jaxpr(jax.grad(loss))(params))
