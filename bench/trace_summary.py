@@ -7,9 +7,8 @@ wall time the device was busy at all (the union of its kernels' intervals; the r
 gaps and host work); on a CPU, the events that carry an XLA op (``hlo_op``) on the host's
 threads, summed over threads (so busy time can exceed wall time). Events are grouped by XLA op
 (e.g. ``cudnn-conv-bw-filter.12``, ``fusion.31``; a command buffer's by kernel), each shown
-with its longest kernel's name
-(cuDNN and cuBLAS kernel names tell the algorithm and the operand dtypes, e.g. ``bf16`` vs
-``tf32``), and by category::
+with its longest kernel's name (cuDNN's and cuBLAS's kernel names tell the algorithm and the
+data types, e.g. ``bf16`` vs ``tf32``), and by category::
 
     python bench/trace_summary.py /tmp/trace --steps 5 --top 30
 """
