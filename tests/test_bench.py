@@ -67,7 +67,9 @@ def test_benchmark_runs_and_reports(name, tmp_path):
 
 
 def _trace_summary():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    bench = os.path.join(ROOT, "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
     import trace_summary
 
     return trace_summary

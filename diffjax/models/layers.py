@@ -127,9 +127,12 @@ def _pixel_sum_dot(g: jax.Array) -> jax.Array:
 _PIXEL_SUM = {("cpu", jnp.dtype(jnp.bfloat16)): _pixel_sum_dot}
 
 
+def _pixel_sum_reduce(g: jax.Array) -> jax.Array:
+    return jnp.sum(g.astype(F32), (1, 2))
+
+
 def _pixel_sum(g: jax.Array) -> jax.Array:
-    sum_f32 = lambda a: jnp.sum(a.astype(F32), (1, 2))  # noqa: E731
-    return _PIXEL_SUM.get((jax.default_backend(), g.dtype), sum_f32)(g)
+    return _PIXEL_SUM.get((jax.default_backend(), g.dtype), _pixel_sum_reduce)(g)
 
 
 @jax.custom_vjp
