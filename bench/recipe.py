@@ -5,7 +5,8 @@ Times the step ``train.py`` runs (``make_p_train_step``: the per-device ``train_
 donated) at the config's global batch, on device-resident synthetic batches (the input pipeline
 is not timed), for each compute dtype: median images/s over --runs runs of --steps steps after
 --warmup steps, the model's TFLOP/s (XLA's cost analysis with direct convolutions,
-``common.model_flops``), the first step's time (its compile) and peak device memory. Then
+``common.model_flops``), the first step's time (its compile), peak device memory and the host's
+time to dispatch a step (close to the step time: the host sets the pace). Then
 ancestral sampling (Ho et al. 2020 Alg. 2, one ``lax.scan``) of --samples images x
 --sample-steps steps from the EMA parameters, and the scan's overhead per step over a
 dispatched forward at the same batch.

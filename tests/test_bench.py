@@ -40,7 +40,8 @@ CASES = {
     "recipe": (
         "recipe.py --config=digits --batch=4 --steps=2 --runs=1 --warmup=1 --samples=2 "
         "--sample-steps=10 --dtypes=float32 --profile={tmp} --profile-steps=2".split(),
-        r"train digits float32: batch 4, [\d.]+ ms/step, \d+ img/s, [\d.e+-]+ TFLOP/s.*\n"
+        r"train digits float32: batch 4, [\d.]+ ms/step, \d+ img/s, [\d.e+-]+ TFLOP/s.*"
+        r"host dispatch [\d.]+ ms/step\n"
         r"host time per step: [\d.]+ ms in \d+ events\n(.|\n)*top 25 ops(.|\n)*"
         r"sample digits bfloat16: 2 samples x 10 steps in [\d.]+ s .* scan overhead [+-][\d.]+%",
     ),
