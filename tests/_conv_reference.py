@@ -46,6 +46,14 @@ def conv_and_grads(conv, x, w, g) -> tuple:
 _BF16_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float32)
 
 
+def assert_float32_conv_and_grads_match(results, want, rel: float = 1e-4) -> None:
+    """(y, dx, dw) against float64 ``want``, within ``rel`` of each one's largest value."""
+    for got, ref in zip(results, want, strict=True):
+        assert got.shape == ref.shape
+        scale = float(np.max(np.abs(ref))) + 1e-12
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=rel * scale)
+
+
 def assert_conv_and_grads_match(
     float32_results, bfloat16_results, want, bfloat16_dtypes=_BF16_DTYPES
 ) -> None:
@@ -58,10 +66,7 @@ def assert_conv_and_grads_match(
     tap. The input gradient comes back in the input's dtype, the others in float32 (or in
     ``bfloat16_dtypes``: a GPU convolution's result is bfloat16, one more rounding).
     """
-    for got, ref in zip(float32_results, want, strict=True):
-        assert got.shape == ref.shape
-        scale = float(np.max(np.abs(ref))) + 1e-12
-        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0, atol=1e-4 * scale)
+    assert_float32_conv_and_grads_match(float32_results, want)
     assert [a.dtype for a in bfloat16_results] == list(bfloat16_dtypes)
     for got, ref in zip(bfloat16_results, want, strict=True):
         got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)

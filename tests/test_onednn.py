@@ -119,8 +119,8 @@ def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, m", [(jnp.float32, 2), (jnp.bfloat16, 2), (jnp.float32, 4)])
+def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype, m):
     # Winograd's three batched products go through onednn.bmm: the same convolution and
     # gradients whichever engine runs them.
     from diffjax.models import winograd
@@ -131,7 +131,7 @@ def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype):
     g = jax.random.normal(kg, (2, 16, 16, 24))
 
     def outputs(a, b):
-        return conv_and_grads(lambda a, b: winograd.conv3x3_winograd(a, b, dtype), a, b, g)
+        return conv_and_grads(lambda a, b: winograd.conv3x3_winograd(a, b, dtype, m), a, b, g)
 
     def run():
         jaxpr = str(jax.make_jaxpr(outputs)(x.astype(dtype), w))

@@ -8,7 +8,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from _conv_reference import assert_conv_and_grads_match, conv3x3_f64, conv_and_grads
+from _conv_reference import (
+    assert_conv_and_grads_match,
+    assert_float32_conv_and_grads_match,
+    conv3x3_f64,
+    conv_and_grads,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,9 +187,9 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _winograd_and_vjp(x, w, g, dtype):
-    conv = lambda a, b: W.conv3x3_winograd(a, b, dtype)  # noqa: E731
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _winograd_and_vjp(x, w, g, dtype, m=2):
+    conv = lambda a, b: W.conv3x3_winograd(a, b, dtype, m)  # noqa: E731
     return conv_and_grads(conv, x.astype(dtype), w, g)
 
 
@@ -216,35 +221,91 @@ def test_winograd_convolution_and_its_gradients_match_float64(
     )
 
 
-# Lavin & Gray 2016 eq. 8's B^T for F(2x2, 3x3).
-_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
-
-
 @settings(max_examples=10, deadline=None)
-@given(**_EVEN_MAPS, bf16=st.booleans())
-def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
-    batch, half_h, half_w, channels, bf16, seed
+@given(
+    batch=st.integers(1, 3),
+    tiles_h=st.integers(1, 3),
+    tiles_w=st.integers(1, 3),
+    channels=st.integers(1, 9),
+    features=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_winograd_4x4_convolution_and_its_gradients_match_float64(
+    batch, tiles_h, tiles_w, channels, features, seed
 ):
-    # Pixels m * 2^e (|m| < 128, 0 <= e <= 4) are exact in bfloat16 (8 significant bits), and
-    # each transformed entry is a +-sum of 4 of them that needs up to 13 bits (exact in float32
-    # and float64), so the result must be the float64 B^T d B rounded once to the dtype;
-    # rounding the partial sums on the way (two of the four in each) would differ.
     rng = np.random.default_rng(seed)
-    h, w = 2 * half_h, 2 * half_w
-    shape = (batch, h, w, channels)
+    x = rng.normal(size=(batch, 4 * tiles_h, 4 * tiles_w, channels)).astype(np.float32)
+    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
+    g = rng.normal(size=(batch, 4 * tiles_h, 4 * tiles_w, features)).astype(np.float32)
+    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64))
+    # F(4x4, 3x3)'s weights (up to 25 on a transformed input, 1/6 and 1/24 on kernel taps, 64
+    # on an output) amplify float32 rounding to ~1e-6 of the largest value (measured <= 7e-6):
+    # 1e-4 of it still flags a wrong tap, sign, phase or tile (errors of O(1)). Float32 only:
+    # bfloat16 compute keeps F(2x2) (``winograd_tile``).
+    assert_float32_conv_and_grads_match(
+        _winograd_and_vjp(x, w, g, jnp.float32, 4), (y, *adjoint(g.astype(np.float64)))
+    )
+
+
+def test_winograd_tile_must_divide_the_map():
+    x, w = jnp.zeros((1, 6, 6, 2)), jnp.zeros((3, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"m=4 for a 6x6 map; allowed: m in \[2, 4\]"):
+        W.conv3x3_winograd(x, w, jnp.float32, 4)
+    with pytest.raises(ValueError, match="m=3"):
+        W.conv3x3_winograd(x, w, jnp.float32, 3)
+
+
+# Lavin & Gray 2016's B^T: eq. 8 for F(2x2, 3x3), section 4.2 for F(4x4, 3x3).
+_BT = {
+    2: np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+    4: np.array(
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        np.float64,
+    ),
+}
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    tiles_h=st.integers(1, 4),
+    tiles_w=st.integers(1, 4),
+    channels=st.integers(1, 9),
+    m=st.sampled_from([2, 4]),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
+    batch, tiles_h, tiles_w, channels, m, bf16, seed
+):
+    # Pixels k * 2^e (|k| < 128, 0 <= e <= 4) are exact in bfloat16 (8 significant bits), and
+    # each transformed entry is an integer-weighted sum of (m + 2)^2 of them whose weights add
+    # up to at most 10 x 10 in absolute value: an integer below 2^18, exact in float32 and
+    # float64. So the result must be the float64 B^T d B rounded once to the dtype; rounding
+    # the partial sums on the way would differ.
+    rng = np.random.default_rng(seed)
+    t, bt = m + 2, _BT[m]
+    shape = (batch, m * tiles_h, m * tiles_w, channels)
     x = rng.integers(-127, 128, shape) * 2.0 ** rng.integers(0, 5, shape)  # float64
     dtype = jnp.bfloat16 if bf16 else jnp.float32
-    out = W.winograd_input(jnp.asarray(x, dtype))
+    out = W.winograd_input(jnp.asarray(x, dtype), m)
     assert out.dtype == dtype
     got = np.asarray(out.astype(jnp.float32))
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    want = np.empty((4, 4, batch, half_h, half_w, channels))  # [column, row, B, H/2, W/2, C]
-    for i in range(half_h):
-        for j in range(half_w):
-            d = xp[:, 2 * i : 2 * i + 4, 2 * j : 2 * j + 4]  # [B, 4, 4, C] tile
-            v = np.einsum("rp,bpqc,sq->srbc", _BT, d, _BT)  # (B^T d B)[r, s] at [s, r]
+    want = np.empty((t, t, batch, tiles_h, tiles_w, channels))  # [column, row, B, H/m, W/m, C]
+    for i in range(tiles_h):
+        for j in range(tiles_w):
+            d = xp[:, m * i : m * i + t, m * j : m * j + t]  # [B, t, t, C] tile
+            v = np.einsum("rp,bpqc,sq->srbc", bt, d, bt)  # (B^T d B)[r, s] at [s, r]
             want[:, :, :, i, j] = v
-    want = np.asarray(jnp.asarray(want.reshape(16, -1, channels), dtype).astype(jnp.float32))
+    want = np.asarray(jnp.asarray(want.reshape(t * t, -1, channels), dtype).astype(jnp.float32))
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
 
@@ -262,32 +323,45 @@ def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
     assert W.use_winograd((64, 32, 32, 32), 32, True)
     assert not W.use_winograd((64, 32, 32, 32), 32, False)
     assert not W.use_winograd((64, 32, 32, 64), 32, False)  # narrow output
-    # The module with a Winograd-sized input computes the convolution plus bias.
-    conv = L.Conv3x3(features=128)
-    x = jax.random.normal(jax.random.key(7), (1, 16, 16, 128))
-    params = _randomize(conv.init(jax.random.key(8), x)["params"])
-    jaxpr = str(jax.make_jaxpr(lambda p: conv.apply({"params": p}, x))(params))
-    assert "conv_general_dilated" not in jaxpr  # the Winograd products, not XLA's convolution
-    want = conv3x3_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64))[0]
-    want = want + np.asarray(params["bias"], np.float64)
-    got = np.asarray(conv.apply({"params": params}, x), np.float64)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))
+    # The module with a Winograd-sized input computes the convolution plus bias, with either
+    # tile (the same algorithm with or without oneDNN for these two shapes).
+    # Transformed inputs: [(m + 2)^2, B H W / m^2, C].
+    for shape, tiles in (
+        ((1, 16, 16, 128), "f32[16,64,128]"),
+        ((16, 16, 16, 64), "f32[36,256,64]"),
+    ):
+        conv = L.Conv3x3(features=shape[-1])
+        x = jax.random.normal(jax.random.key(7), shape)
+        params = _randomize(conv.init(jax.random.key(8), x)["params"])
+        jaxpr = str(jax.make_jaxpr(conv.apply)({"params": params}, x))
+        assert "conv_general_dilated" not in jaxpr  # Winograd's products, not XLA's convolution
+        assert tiles in jaxpr
+        want = conv3x3_f64(np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64))[0]
+        want = want + np.asarray(params["bias"], np.float64)
+        got = np.asarray(conv.apply({"params": params}, x), np.float64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)))
 
 
 def test_conv3x3_algorithm_by_platform_dtype_and_shape():
     cases = [
         # (shape, features, strides, dtype, platform, oneDNN usable) -> algorithm
-        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu", True), "winograd"),
-        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "cpu", True), "winograd"),
-        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu", False), "winograd"),
+        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu", True), "winograd4"),
+        (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "cpu", True), "winograd"),  # F(4x4): float32
+        (((16, 32, 32, 128), 128, 1, jnp.float32, "cpu", False), "winograd4"),
+        (((16, 18, 18, 128), 128, 1, jnp.float32, "cpu", True), "winograd"),  # 18 = 4 * 4 + 2
+        (((1, 32, 32, 128), 128, 1, jnp.float32, "cpu", True), "winograd"),  # 64-row products
+        (((64, 8, 8, 64), 64, 1, jnp.float32, "cpu", True), "winograd4"),  # 256 rows, oneDNN
+        (((64, 8, 8, 64), 64, 1, jnp.float32, "cpu", False), "xla"),
+        (((64, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu", True), "onednn"),
         (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu", True), "onednn"),
         (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu", False), "dots"),
-        (((16, 8, 8, 256), 256, 1, jnp.float32, "cpu", True), "onednn"),
+        (((16, 8, 8, 256), 256, 1, jnp.float32, "cpu", True), "onednn"),  # 64-row products
         (((16, 8, 8, 256), 256, 1, jnp.float32, "cpu", False), "xla"),
         (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu", True), "onednn"),  # downsampling
         (((16, 32, 32, 128), 128, 2, jnp.float32, "cpu", False), "xla"),
         (((16, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu", False), "xla"),
-        (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", True), "winograd"),  # oneDNN products
+        (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", True), "winograd4"),  # oneDNN products
+        (((64, 32, 32, 32), 32, 1, jnp.bfloat16, "cpu", True), "winograd"),
         (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", False), "xla"),
         # Accelerators: XLA's convolution, whatever the shape and dtype.
         (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "gpu", True), "xla"),

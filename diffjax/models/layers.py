@@ -6,9 +6,10 @@ backward: JAX's default transpose rules would run the backward products of a bfl
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
 would. On CPU, 3x3 convolutions with >= 32 channels (64 without oneDNN) on maps of >= 16x16
-run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications) and the
-others on oneDNN (``conv3x3_onednn``; ``diffjax.models.onednn``), as do the attention products
-and the weight gradients of the dense layers; where oneDNN is not usable
+run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications), in
+float32 as F(4x4, 3x3) (4x fewer; also on 8x8 maps with oneDNN) where its products have
+>= 256 rows, and the others on oneDNN (``conv3x3_onednn``; ``diffjax.models.onednn``), as do
+the attention products and the weight gradients of the dense layers; where oneDNN is not usable
 (``onednn.available``), XLA's convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16
 compute is summed over cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops:
 ``conv3x3_xla``, whose backward convolutions also take bfloat16 operands, and on GPUs gives
@@ -281,6 +282,10 @@ def _onednn_bwd(strides, dtype, chunks, res, g):
 conv3x3_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
+# Winograd output tile (``winograd.winograd_tile``) -> algorithm
+_WINOGRAD_ALGORITHM = {4: "winograd4", 2: "winograd"}
+
+
 def conv3x3_algorithm(
     shape: tuple[int, ...],
     features: int,
@@ -291,17 +296,18 @@ def conv3x3_algorithm(
 ) -> str:
     """How ``Conv3x3`` computes a 3x3 convolution of a [B, H, W, C] input on ``platform``.
 
-    "winograd" (``winograd.conv3x3_winograd``), "onednn" (``conv3x3_onednn``), "dots" (nine
-    bfloat16 products, ``conv3x3_dots``) or "xla" (``conv3x3_xla``). The first three are for
-    XLA:CPU, "onednn" where ``onednn_ok`` (default: ``onednn.available()``), "dots" and "xla"
-    where not; GPUs and TPUs get XLA's convolution, for which cuDNN and the TPU compiler choose
-    their own algorithms.
+    "winograd4" / "winograd" (``winograd.conv3x3_winograd`` with 4x4 / 2x2 output tiles),
+    "onednn" (``conv3x3_onednn``), "dots" (nine bfloat16 products, ``conv3x3_dots``) or "xla"
+    (``conv3x3_xla``). All but the last are for XLA:CPU, "onednn" where ``onednn_ok`` (default:
+    ``onednn.available()``), "dots" and "xla" where not; GPUs and TPUs get XLA's convolution,
+    for which cuDNN and the TPU compiler choose their own algorithms.
     """
     if platform != "cpu":
         return "xla"
     fast = onednn.available() if onednn_ok is None else onednn_ok
-    if strides == 1 and winograd.use_winograd(shape, features, fast):
-        return "winograd"
+    tile = winograd.winograd_tile(shape, features, dtype, fast) if strides == 1 else 0
+    if tile:
+        return _WINOGRAD_ALGORITHM[tile]
     if fast:
         return "onednn"
     bf16 = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
@@ -330,8 +336,11 @@ def _chunks(x: jax.Array, dtype: Any, platform: str) -> int:
 
 # algorithm -> (x, kernel, strides, dtype, platform) -> [B, H', W', O], float32 but on GPUs
 _CONV3X3 = {
+    "winograd4": lambda x, kernel, strides, dtype, platform: winograd.conv3x3_winograd(
+        x, kernel, dtype, 4
+    ),
     "winograd": lambda x, kernel, strides, dtype, platform: winograd.conv3x3_winograd(
-        x, kernel, dtype
+        x, kernel, dtype, 2
     ),
     "onednn": lambda x, kernel, strides, dtype, platform: conv3x3_onednn(
         x, kernel, strides, dtype, _chunks(x, dtype, platform)
