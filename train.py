@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffjax import cpu_runtime, gpu_runtime, training
+from diffjax import cpu_runtime, training
 from diffjax.config_validation import exit_on_config_error, exit_on_unknown_overrides
 from diffjax.input_pipeline import DatasetNotPreparedError
 
@@ -48,10 +48,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    # Before any JAX computation: XLA's settings for speed (diffjax/cpu_runtime.py,
-    # gpu_runtime.py), then this process joins the other processes of a multi-host run.
+    # Before any JAX computation: XLA:CPU's settings for speed (diffjax/cpu_runtime.py), then
+    # this process joins the other processes of a multi-host run.
     cpu_runtime.configure(_CONFIG.value.model.dtype)
-    gpu_runtime.configure()
     training.initialize_distributed()
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])

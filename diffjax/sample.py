@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 from etils import epath
 
-from diffjax import cli, cpu_runtime, gpu_runtime
+from diffjax import cli, cpu_runtime
 
 __all__ = ["main", "parse_args"]
 
@@ -191,16 +191,15 @@ def _default_out(args: argparse.Namespace, step: int, sampler: str, steps: int) 
 def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) -> int:
     """Run the command line; returns 0, or exits with status 2 on a usage error.
 
-    ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype and
-    ``gpu_runtime.configure`` before any JAX computation (the command line does; a caller that
-    already computed with JAX need not).
+    ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype before
+    any JAX computation (the command line does; a caller that already computed with JAX need
+    not).
     """
     try:
         args = parse_args(argv)
         _check_workdir(args.workdir)
         if configure_runtime:
             cpu_runtime.configure(cli.run_compute_dtype(args.workdir))
-            gpu_runtime.configure()
         message = _run(args)
     except UsageError as e:
         _fail(str(e))
