@@ -2,7 +2,7 @@
 
 The convolutions are read from the model's jaxpr traced with direct convolutions (shape,
 stride, how often each occurs), then each distinct one is timed alone as diffjax computes it in
-float32 (``layers.conv3x3_algorithm``: Winograd F(2x2, 3x3), oneDNN or XLA's
+float32 (``layers.conv3x3_algorithm``: Winograd F(4x4, 3x3) or F(2x2, 3x3), oneDNN or XLA's
 ``conv_general_dilated``, NHWC, compiled with ``cpu_runtime``'s float32 fusion types), forward
 and its VJP (input + kernel gradient), against torch's ``nn.Conv2d`` (NCHW, float32) forward
 and forward + backward, same threads. GFLOP/s count the direct convolution's FLOPs. The
