@@ -13,6 +13,7 @@ from _conv_reference import (
     assert_float32_conv_and_grads_match,
     conv3x3_f64,
     conv_and_grads,
+    float64_case,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -193,27 +194,22 @@ def _winograd_and_vjp(x, w, g, dtype, m=2):
     return conv_and_grads(conv, x.astype(dtype), w, g)
 
 
-# [B, H, W, C] inputs with even H and W (Winograd's 2x2 output tiles), and a seed.
-_EVEN_MAPS = dict(
+# [B, H, W, C] inputs of tiles_h x tiles_w Winograd output tiles, and a seed.
+_TILED_MAPS = dict(
     batch=st.integers(1, 3),
-    half_h=st.integers(1, 6),
-    half_w=st.integers(1, 6),
+    tiles_h=st.integers(1, 5),
+    tiles_w=st.integers(1, 5),
     channels=st.integers(1, 9),
     seed=st.integers(0, 2**31 - 1),
 )
 
 
 @settings(max_examples=10, deadline=None)
-@given(**_EVEN_MAPS, features=st.integers(1, 9))
+@given(**_TILED_MAPS, features=st.integers(1, 9))
 def test_winograd_convolution_and_its_gradients_match_float64(
-    batch, half_h, half_w, channels, features, seed
+    batch, tiles_h, tiles_w, channels, features, seed
 ):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, 2 * half_h, 2 * half_w, channels)).astype(np.float32)
-    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
-    g = rng.normal(size=(batch, 2 * half_h, 2 * half_w, features)).astype(np.float32)
-    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64))
-    want = (y, *adjoint(g.astype(np.float64)))
+    x, w, g, want = float64_case(batch, 2 * tiles_h, 2 * tiles_w, channels, features, 1, seed)
     # The transforms add with weights +-1, +-1/2 (exact in binary): the tolerances of the
     # direct form hold (_conv_reference).
     assert_conv_and_grads_match(
@@ -222,29 +218,16 @@ def test_winograd_convolution_and_its_gradients_match_float64(
 
 
 @settings(max_examples=10, deadline=None)
-@given(
-    batch=st.integers(1, 3),
-    tiles_h=st.integers(1, 3),
-    tiles_w=st.integers(1, 3),
-    channels=st.integers(1, 9),
-    features=st.integers(1, 9),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**_TILED_MAPS, features=st.integers(1, 9))
 def test_winograd_4x4_convolution_and_its_gradients_match_float64(
     batch, tiles_h, tiles_w, channels, features, seed
 ):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, 4 * tiles_h, 4 * tiles_w, channels)).astype(np.float32)
-    w = rng.normal(size=(3, 3, channels, features)).astype(np.float32)
-    g = rng.normal(size=(batch, 4 * tiles_h, 4 * tiles_w, features)).astype(np.float32)
-    y, adjoint = conv3x3_f64(x.astype(np.float64), w.astype(np.float64))
+    x, w, g, want = float64_case(batch, 4 * tiles_h, 4 * tiles_w, channels, features, 1, seed)
     # F(4x4, 3x3)'s weights (up to 25 on a transformed input, 1/6 and 1/24 on kernel taps, 64
     # on an output) amplify float32 rounding to ~1e-6 of the largest value (measured <= 7e-6):
     # 1e-4 of it still flags a wrong tap, sign, phase or tile (errors of O(1)). Float32 only:
     # bfloat16 compute keeps F(2x2) (``winograd_tile``).
-    assert_float32_conv_and_grads_match(
-        _winograd_and_vjp(x, w, g, jnp.float32, 4), (y, *adjoint(g.astype(np.float64)))
-    )
+    assert_float32_conv_and_grads_match(_winograd_and_vjp(x, w, g, jnp.float32, 4), want)
 
 
 def test_winograd_tile_must_divide_the_map():
@@ -273,15 +256,7 @@ _BT = {
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    batch=st.integers(1, 3),
-    tiles_h=st.integers(1, 4),
-    tiles_w=st.integers(1, 4),
-    channels=st.integers(1, 9),
-    m=st.sampled_from([2, 4]),
-    bf16=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**_TILED_MAPS, m=st.sampled_from([2, 4]), bf16=st.booleans())
 def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
     batch, tiles_h, tiles_w, channels, m, bf16, seed
 ):
