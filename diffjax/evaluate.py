@@ -456,8 +456,7 @@ def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) 
     """Run the command line; returns 0, or exits with status 2 on a usage error.
 
     ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype before
-    any JAX computation (the command line does; a caller that already computed with JAX need
-    not).
+    any JAX computation (the command line does; a caller that already computed with JAX need not).
     """
     try:
         args = parse_args(argv)
