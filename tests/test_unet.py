@@ -391,6 +391,52 @@ def test_attention_block_matches_float64_reference():
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 40),
+    offset=st.sampled_from([0.0, -80.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_softmax_and_its_vjp_match_the_float64_closed_form(rows, cols, offset, seed):
+    rng = np.random.default_rng(seed)
+    # Logits with an offset softmax must ignore, rounded to float32 first: the reference is the
+    # float64 closed form of the float32 logits, so only the computation's own error remains.
+    s = (rng.normal(0.0, 3.0, (rows, cols)) + offset).astype(np.float32).astype(np.float64)
+    g = rng.normal(0.0, 1.0, (rows, cols)).astype(np.float32).astype(np.float64)
+    p, vjp = jax.vjp(L.softmax, jnp.asarray(s, jnp.float32))
+    (ds,) = vjp(jnp.asarray(g, jnp.float32))
+    e = np.exp(s - s.max(-1, keepdims=True))
+    want_p = e / e.sum(-1, keepdims=True)
+    # The Jacobian diag(p) - p p^T applied to g, row by row.
+    jac = np.eye(cols) * want_p[:, None, :] - want_p[..., None] * want_p[:, None, :]
+    want_ds = np.einsum("ri,rij->rj", g, jac)
+    # float32 exp, sums of <= 40 terms and one division: a few ulps, ~1e-6 relative; s - max is
+    # exact (Sterbenz) for logits within a factor 2 of the max and ~|s| 2^-24 off otherwise,
+    # where p < exp(-|s|/2) is tiny, hence the absolute floor.
+    np.testing.assert_allclose(p, want_p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ds, want_ds, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(p).sum(-1), 1.0, atol=1e-5)
+
+
+def test_dense_scale_multiplies_the_float32_result_before_rounding():
+    x = jax.random.normal(jax.random.key(7), (3, 5, 16))
+    plain, scaled = L.Dense(8), L.Dense(8, scale=0.125)
+    params = _randomize(plain.init(jax.random.key(0), x), std=0.3)
+    assert jax.tree.structure(params) == jax.tree.structure(scaled.init(jax.random.key(0), x))
+    want = 0.125 * np.asarray(plain.apply(params, x))  # a power of two: exact in float32
+    np.testing.assert_array_equal(scaled.apply(params, x), want)
+    # bfloat16 compute: the float32 result, scaled, is rounded to bfloat16 once: within half a
+    # bfloat16 ulp (2^-8 relative) of the float64 value from the same bfloat16 operands, plus
+    # float32 accumulation error (~1e-6).
+    third = L.Dense(8, jnp.bfloat16, scale=1 / 3)
+    got = np.asarray(third.apply(params, x), np.float64)
+    p = params["params"]
+    x16, k16 = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, p["kernel"]))
+    want = (x16 @ k16 + np.asarray(p["bias"], np.float64)) / 3
+    assert np.all(np.abs(got - want) <= 2.0**-8 * np.abs(want) + 1e-6)
+
+
 def test_dropout_only_when_training(tiny):
     model, params, x, t, _ = tiny
     apply = jax.jit(

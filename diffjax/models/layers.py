@@ -48,24 +48,30 @@ zero_init = nn.initializers.zeros
 BF16_DOT_CONV_MIN_CHANNELS = 128
 
 
+def _rows(a: jax.Array) -> jax.Array:
+    """[..., K] -> [1, rows, K], the operand shape of ``onednn.bmm``."""
+    return a.reshape(1, -1, a.shape[-1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def linear(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
     """x [..., K] (compute dtype) @ kernel [K, N] (float32, cast to dtype) -> float32 [..., N]."""
-    return dot_f32(x, kernel.astype(dtype), (x.ndim - 1,), (0,))
+    return _linear_fwd(x, kernel, dtype)[0]
 
 
 def _linear_fwd(x, kernel, dtype):
     k = kernel.astype(dtype)
-    return dot_f32(x, k, (x.ndim - 1,), (0,)), (x, k)
+    y = onednn.bmm(_rows(x), k[None], False, False)[0]  # [rows, N]
+    return y.reshape(*x.shape[:-1], k.shape[1]), (x, k)
 
 
 def _linear_bwd(dtype, res, g):
     x, k = res
     g = g.astype(dtype)  # [..., N]
-    dx = dot_f32(g, k, (g.ndim - 1,), (1,)).astype(x.dtype)  # [..., K]
+    dx = onednn.bmm(_rows(g), k[None], False, True)[0].reshape(x.shape).astype(x.dtype)
     # [K, N] float32: the parameter gradient keeps full precision. A product contracting the
     # many rows of x and g, which oneDNN runs 2-4x faster than XLA:CPU (diffjax.models.onednn).
-    dk = onednn.bmm(x.reshape(1, -1, x.shape[-1]), g.reshape(1, -1, g.shape[-1]), True, False)[0]
+    dk = onednn.bmm(_rows(x), _rows(g), True, False)[0]
     return dx, dk
 
 
@@ -112,6 +118,31 @@ def _bmm_nn_bwd(res, g):
 
 
 bmm_nn.defvjp(_bmm_nn_fwd, _bmm_nn_bwd)
+
+
+@jax.custom_vjp
+def softmax(s: jax.Array) -> jax.Array:
+    """softmax over the last axis of float32 logits s [..., M] (Vaswani et al. 2017 eq. 1).
+
+    Its VJP is the closed form ds = p (g - sum_j g_j p_j), from the saved p. Autodiff's chain
+    through the max, the exponentials and the sum makes XLA:CPU materialise [..., M]-sized
+    broadcasts of the row statistics as inputs of its reduction fusions; here the forward and
+    the backward are one fused pass each (small32 attention: bench/README.md).
+    """
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _softmax_fwd(s):
+    p = softmax(s)
+    return p, p
+
+
+def _softmax_bwd(p, g):
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def _pixel_sum_dot(g: jax.Array) -> jax.Array:
@@ -353,11 +384,13 @@ _CONV3X3 = {
 
 
 class Dense(nn.Module):
-    """y = x W + b over the last axis (a 1x1 convolution on images); float32 parameters."""
+    """y = (x W + b) * scale over the last axis (a 1x1 convolution on images); float32
+    parameters. ``scale`` multiplies the float32 result before its one rounding to ``dtype``."""
 
     features: int
     dtype: Any = F32
     zero: bool = False
+    scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -365,7 +398,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", init, (x.shape[-1], self.features), F32)
         bias = self.param("bias", zero_init, (self.features,), F32)
         y = linear(x.astype(self.dtype), kernel, self.dtype) + bias  # float32 [..., features]
-        return y.astype(self.dtype)
+        return (y * self.scale).astype(self.dtype)
 
 
 class Conv3x3(nn.Module):

@@ -133,11 +133,13 @@ class AttnBlock(nn.Module):
         b, hh, ww, c = x.shape
         dt = self.dtype
         h = _norm(dt, "norm", self.num_groups)(x).reshape(b, hh * ww, c)  # [B, N, C]
-        q = L.Dense(c, dt, name="q")(h)
+        # 1/sqrt(C) scales q [B, N, C] (in float32, before its rounding to dtype) rather than
+        # the [B, N, N] logits: one pass fewer over the largest array of the block.
+        q = L.Dense(c, dt, scale=c**-0.5, name="q")(h)
         k = L.Dense(c, dt, name="k")(h)
         v = L.Dense(c, dt, name="v")(h)
         # softmax(q k^T / sqrt(C)) v: logits and softmax in float32, products in dtype.
-        w = jax.nn.softmax(L.bmm_nt(q, k) * (c**-0.5), axis=-1)  # [B, N, N] float32
+        w = L.softmax(L.bmm_nt(q, k))  # [B, N, N] float32
         o = L.bmm_nn(w.astype(dt), v).astype(dt)  # [B, N, C]
         o = L.Dense(c, dt, zero=True, name="proj_out")(o).reshape(b, hh, ww, c)
         return x.astype(dt) + o
