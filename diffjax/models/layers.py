@@ -9,7 +9,7 @@ would. On CPU, 3x3 convolutions with >= 32 channels (64 without oneDNN) on maps 
 run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications), in
 float32 as F(4x4, 3x3) (4x fewer; also on 8x8 maps with oneDNN) where its products have
 >= 256 rows, and the others on oneDNN (``conv3x3_onednn``; ``diffjax.models.onednn``), as do
-the attention products and the weight gradients of the dense layers; where oneDNN is not usable
+the attention products and the dense layers' products; where oneDNN is not usable
 (``onednn.available``), XLA's convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16
 compute is summed over cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops:
 ``conv3x3_xla``, whose backward convolutions also take bfloat16 operands, and on GPUs gives
