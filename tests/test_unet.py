@@ -411,9 +411,9 @@ def test_softmax_and_its_vjp_match_the_float64_closed_form(rows, cols, offset, s
     # The Jacobian diag(p) - p p^T applied to g, row by row.
     jac = np.eye(cols) * want_p[:, None, :] - want_p[..., None] * want_p[:, None, :]
     want_ds = np.einsum("ri,rij->rj", g, jac)
-    # float32 exp, sums of <= 40 terms and one division: a few ulps, ~1e-6 relative; s - max is
-    # exact (Sterbenz) for logits within a factor 2 of the max and ~|s| 2^-24 off otherwise,
-    # where p < exp(-|s|/2) is tiny, hence the absolute floor.
+    # float32 s - max is within |s - max| 2^-24 (< 2e-6 here: |s - max| < 30), which moves p by
+    # that much relative; exp, the sum of <= 40 terms and the division add a few ulps. The
+    # absolute floors cover entries whose p or ds is itself near the float32 noise of the row.
     np.testing.assert_allclose(p, want_p, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ds, want_ds, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(p).sum(-1), 1.0, atol=1e-5)
