@@ -29,12 +29,16 @@ computed, only how fast (the tests compare gradients and losses with and without
    leaves XLA's default.
 
 Measured gains are in ``bench/README.md`` ("CPU runtime settings").
+
+``isa()`` names the instruction set of this CPU (AVX2, AVX-512, AVX-512 BF16, AMX) for the
+benchmarks' reports and for the oneDNN gate (``diffjax.models.onednn``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -65,9 +69,67 @@ _MALLOC_SETTINGS = (
 )
 
 
-def env_enabled(name: str) -> bool:
-    """False when the environment variable ``name`` is 0/false/no/off (any case); default on."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+def env_enabled(name: str, default: bool = True) -> bool:
+    """Whether the environment variable ``name`` is on: 1/true/yes/on turn it on, 0/false/no/off
+    (any case) off; unset or anything else gives ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    return {"1": True, "true": True, "yes": True, "on": True}.get(
+        value, {"0": False, "false": False, "no": False, "off": False}.get(value, default)
+    )
+
+
+# --- the CPU's instruction sets ---------------------------------------------------------------
+
+# Names of x86 instruction-set levels, best first, with the /proc/cpuinfo flags each needs.
+# AVX-512 here is oneDNN's avx512_core (F, BW, VL, DQ), which every AVX-512 CPU since Skylake-SP
+# has.
+AVX512_CORE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+ISA_FLAGS = (
+    ("AMX", (*AVX512_CORE_FLAGS, "avx512_bf16", "amx_tile", "amx_bf16")),
+    ("AVX-512 BF16", (*AVX512_CORE_FLAGS, "avx512_bf16")),
+    ("AVX-512", AVX512_CORE_FLAGS),
+    ("AVX2", ("avx2", "fma")),
+)
+
+
+@functools.cache
+def _proc_cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The feature flags of the first CPU in ``cpuinfo`` (default: /proc/cpuinfo); empty where
+    there is no such file (macOS, Windows) or no flags line (non-x86)."""
+    cpuinfo = _proc_cpuinfo() if cpuinfo is None else cpuinfo
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def isa(flags: frozenset[str] | None = None) -> str:
+    """The best instruction-set level of ``flags`` (default: this CPU's) in ``ISA_FLAGS``:
+    "AMX", "AVX-512 BF16", "AVX-512", "AVX2", or the machine's name (``platform.machine()``)
+    when none applies (older x86, ARM)."""
+    flags = cpu_flags() if flags is None else flags
+    return next((name for name, need in ISA_FLAGS if flags.issuperset(need)), platform.machine())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else ``platform.processor()``/``machine()``."""
+    for line in _proc_cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_cpu() -> str:
+    """One line for reports: model, core count and ISA, e.g. "AMD EPYC, 2 cores, AVX-512 BF16"."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, {isa()}"
 
 
 def reuse_freed_memory() -> bool:

@@ -121,3 +121,48 @@ def test_float32_fusion_types_change_no_loss_or_gradient(monkeypatch):
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert float(jnp.linalg.norm(a - b)) <= 1e-5 * float(jnp.linalg.norm(b)) + 1e-9
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse4_1 avx avx2 fma
+"""
+
+
+@pytest.mark.parametrize(
+    "extra, name",
+    [
+        ("", "AVX2"),
+        (" avx512f avx512bw avx512vl avx512dq", "AVX-512"),
+        (" avx512f avx512bw avx512vl avx512dq avx512_bf16", "AVX-512 BF16"),
+        (" avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_tile amx_bf16", "AMX"),
+        (" avx512f", "AVX2"),  # AVX-512 foundation alone is not oneDNN's avx512_core
+    ],
+)
+def test_isa_names_the_best_level_the_flags_give(extra, name):
+    flags = cpu_runtime.cpu_flags(_CPUINFO.replace("fma\n", "fma" + extra + "\n"))
+    assert cpu_runtime.isa(flags) == name
+
+
+def test_isa_without_flags_is_the_machine():
+    assert cpu_runtime.cpu_flags("processor\t: 0\n") == frozenset()
+    assert cpu_runtime.isa(frozenset()) == platform.machine()
+
+
+def test_describe_cpu_names_model_cores_and_isa():
+    line = cpu_runtime.describe_cpu()
+    assert f"{os.cpu_count()} cores" in line and line.endswith(cpu_runtime.isa())
+
+
+@pytest.mark.parametrize(
+    "value, default, want",
+    [(None, True, True), (None, False, False), ("1", False, True), ("ON", False, True),
+     ("0", True, False), ("off", True, False), ("maybe", False, False), ("maybe", True, True)],
+)  # fmt: skip
+def test_env_enabled(monkeypatch, value, default, want):
+    if value is None:
+        monkeypatch.delenv("DIFFJAX_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("DIFFJAX_TEST_SWITCH", value)
+    assert cpu_runtime.env_enabled("DIFFJAX_TEST_SWITCH", default) == want

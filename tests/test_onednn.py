@@ -21,30 +21,116 @@ from _conv_reference import (
 from _tiny_unet import tiny_unet_loss
 from hypothesis import given, settings
 
+from diffjax import cpu_runtime
 from diffjax.models import layers as L
 from diffjax.models import onednn
 
 
-def test_available_on_the_checked_jaxlib_and_x86():
-    # On the setup it was checked on, the fast path must be live, or every test below would
-    # pass while Conv3x3 silently fell back to XLA's convolutions.
+@pytest.fixture(autouse=True)
+def _opt_in(monkeypatch):
+    # The kernels are opt-in: every test here runs with the switch on, from fresh traces (JAX
+    # caches the traces of custom VJP rules made with the switch off by other tests).
+    monkeypatch.setenv(onednn.ENV, "1")
+    jax.clear_caches()
+
+
+def test_supported_on_avx512_with_the_checked_jaxlib():
+    # Where oneDNN is allowed, the fast path must be live, or every test below would pass while
+    # Conv3x3 silently fell back to XLA's convolutions; where not, it must say why.
     checked = jaxlib.version.__version__.startswith(onednn.JAXLIB_VERSIONS)
-    if not (checked and platform.machine() in onednn.MACHINES):
-        pytest.skip("oneDNN convolutions are only enabled on x86-64 with a checked jaxlib")
-    if os.environ.get(onednn.ENV, "1") == "0":
-        pytest.skip(f"{onednn.ENV}=0")
-    assert onednn.available()
+    allowed = checked and platform.machine() in onednn.MACHINES
+    flags = cpu_runtime.cpu_flags()
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    for dtype in (jnp.float32, jnp.bfloat16):
+        expected = allowed and onednn.isa_problem(dtype, flags, limit) is None
+        assert onednn.supported(dtype) == expected, onednn.unsupported_reason(dtype)
+        assert onednn.available(dtype) == expected
 
 
-def test_switch_turns_it_off():
-    code = "from diffjax.models import onednn; print(onednn.available())"
-    env = dict(os.environ, **{onednn.ENV: "0"})
+# CPU flags of the three kinds of machine the gate tells apart.
+_AVX2 = frozenset({"sse4_1", "avx", "avx2", "fma"})
+_AVX512 = _AVX2 | set(cpu_runtime.AVX512_CORE_FLAGS)
+_AVX512_BF16 = _AVX512 | {"avx512_bf16"}
+
+
+@pytest.mark.parametrize(
+    "flags, limit, f32_ok, bf16_ok",
+    [
+        (_AVX2, None, False, False),  # the nested-gemm hang and the bfloat16 SIGILL
+        (_AVX512, None, True, False),  # Skylake-SP .. Ice Lake: no bfloat16 matmul
+        (_AVX512_BF16, None, True, True),  # Zen 4, Cooper Lake, Sapphire Rapids
+        (_AVX512_BF16, "AVX2", False, False),  # held to AVX2
+        (_AVX512_BF16, "avx512_core", True, False),  # any case, as oneDNN reads it
+        (_AVX512_BF16, "AVX512_CORE_BF16", True, True),
+        (_AVX512_BF16, "AVX10_1_512", True, True),  # an alias above BF16
+        (_AVX512_BF16, "ALL", True, True),
+        (_AVX512_BF16, "NOT_AN_ISA", False, False),  # unknown: assume the worst
+    ],
+)
+def test_isa_gate(flags, limit, f32_ok, bf16_ok):
+    assert (onednn.isa_problem(jnp.float32, flags, limit) is None) == f32_ok
+    assert (onednn.isa_problem(jnp.bfloat16, flags, limit) is None) == bf16_ok
+    assert onednn.isa_problem(jnp.float16, _AVX512_BF16, None) is not None  # no such path
+
+
+def _available_in_subprocess(env: dict[str, str]) -> list[str]:
+    code = (
+        "import jax.numpy as jnp; from diffjax.models import onednn\n"
+        "print(onednn.available(jnp.float32), onednn.available(jnp.bfloat16))\n"
+        "print(onednn.describe(jnp.float32))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    return out.stdout.splitlines()
 
 
-needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN convolution unavailable")
+def test_off_by_default_and_on_only_by_the_switch():
+    env = {k: v for k, v in os.environ.items() if k != onednn.ENV}
+    flags, line = _available_in_subprocess(env)
+    assert flags == "False False"
+    assert "XLA's convolutions" in line and "the default" in line
+    flags, line = _available_in_subprocess({**env, onednn.ENV: "0"})
+    assert flags == "False False"
+    flags, line = _available_in_subprocess({**env, onednn.ENV: "1"})
+    assert flags == f"{onednn.supported(jnp.float32)} {onednn.supported(jnp.bfloat16)}"
+    assert ("oneDNN convolutions" in line) == onednn.supported(jnp.float32)
+
+
+def test_held_to_avx2_the_switch_is_refused_with_the_reason():
+    env = {**os.environ, onednn.ENV: "1", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    flags, line = _available_in_subprocess(env)
+    assert flags == "False False"
+    assert "ignored" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
+
+
+def test_other_jaxlib_versions_fall_back(monkeypatch):
+    monkeypatch.setattr(onednn, "JAXLIB_VERSIONS", ("0.0.",))
+    onednn._unsupported_reason.cache_clear()
+    try:
+        assert not onednn.available(jnp.float32)
+        assert "not one of the checked" in onednn.unsupported_reason(jnp.float32)
+        assert "XLA's convolutions" in onednn.describe(jnp.float32)
+    finally:
+        monkeypatch.undo()
+        onednn._unsupported_reason.cache_clear()
+
+
+needs_onednn = pytest.mark.skipif(
+    not onednn.supported(jnp.float32), reason=f"oneDNN: {onednn.unsupported_reason()}"
+)
+needs_onednn_bf16 = pytest.mark.skipif(
+    not onednn.supported(jnp.bfloat16),
+    reason=f"oneDNN bfloat16: {onednn.unsupported_reason(jnp.bfloat16)}",
+)
+
+
+def test_an_unsupported_call_is_refused_when_emitted(monkeypatch):
+    # Called directly, the primitives check the operands' dtype against the CPU when they are
+    # lowered: a clear error instead of oneDNN killing the process.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    a = jnp.ones((1, 4, 8), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="ONEDNN_MAX_CPU_ISA=AVX2"):
+        jax.jit(functools.partial(onednn.matmul, transpose_b=True)).lower(a, a)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -53,7 +139,7 @@ def _onednn_and_vjp(x, w, g, strides, dtype):
     return conv_and_grads(conv, x.astype(dtype), w, g)
 
 
-@needs_onednn
+@needs_onednn_bf16
 @settings(max_examples=12, deadline=None)
 @given(**CONV_CASES)
 def test_convolution_and_gradients_match_float64(
@@ -104,7 +190,7 @@ def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
 
     assert traced_with_onednn()
     fast = jax.jit(jax.value_and_grad(loss))(params)
-    monkeypatch.setattr(onednn, "available", lambda: False)
+    monkeypatch.setenv(onednn.ENV, "0")
     jax.clear_caches()  # JAX caches the traces of custom VJP rules
     assert not traced_with_onednn()
     slow = jax.jit(jax.value_and_grad(loss))(params)
@@ -119,7 +205,10 @@ def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype, m", [(jnp.float32, 2), (jnp.bfloat16, 2), (jnp.float32, 4)])
+@pytest.mark.parametrize(
+    "dtype, m",
+    [(jnp.float32, 2), pytest.param(jnp.bfloat16, 2, marks=needs_onednn_bf16), (jnp.float32, 4)],
+)
 def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype, m):
     # Winograd's three batched products go through onednn.bmm: the same convolution and
     # gradients whichever engine runs them.
@@ -139,7 +228,7 @@ def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype, m):
         return "onednn_matmul" in jaxpr, [np.asarray(v, np.float32) for v in got]
 
     on, fast = run()
-    monkeypatch.setattr(onednn, "available", lambda: False)
+    monkeypatch.setenv(onednn.ENV, "0")
     jax.clear_caches()  # JAX caches the traces of the custom VJP's rules
     off, slow = run()
     assert on and not off

@@ -8,10 +8,11 @@ float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for b
 would. On CPU, 3x3 convolutions with >= 32 channels (64 without oneDNN) on maps of >= 16x16
 run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications), in
 float32 as F(4x4, 3x3) (4x fewer; also on 8x8 maps with oneDNN) where its products have
->= 256 rows, and the others on oneDNN (``conv3x3_onednn``; ``diffjax.models.onednn``), as do
-the attention products and the dense layers' products; where oneDNN is not usable
-(``onednn.available``), XLA's convolutions (``conv3x3_xla``, whose kernel gradient in bfloat16
-compute is summed over cache-sized batch chunks) and products. GPUs and TPUs get XLA's ops:
+>= 256 rows, and the others as XLA's convolutions (``conv3x3_xla``, whose kernel gradient in
+bfloat16 compute is summed over cache-sized batch chunks), with XLA's products. Where a process
+opts in to oneDNN on an AVX-512 CPU (``onednn.available``), the other convolutions, the
+attention products and the dense layers' products run on oneDNN (``conv3x3_onednn``;
+``diffjax.models.onednn``). GPUs and TPUs get XLA's ops:
 ``conv3x3_xla``, whose backward convolutions also take bfloat16 operands, and on GPUs gives
 bfloat16 results in bfloat16 compute (``CONV_RESULT``).
 
@@ -333,12 +334,12 @@ def conv3x3_algorithm(
     "winograd4" / "winograd" (``winograd.conv3x3_winograd`` with 4x4 / 2x2 output tiles),
     "onednn" (``conv3x3_onednn``), "dots" (nine bfloat16 products, ``conv3x3_dots``) or "xla"
     (``conv3x3_xla``). All but the last are for XLA:CPU, "onednn" where ``onednn_ok`` (default:
-    ``onednn.available()``), "dots" and "xla" where not; GPUs and TPUs get XLA's convolution,
+    ``onednn.available(dtype)``), "dots" and "xla" where not; GPUs and TPUs get XLA's convolution,
     for which cuDNN and the TPU compiler choose their own algorithms.
     """
     if platform != "cpu":
         return "xla"
-    fast = onednn.available() if onednn_ok is None else onednn_ok
+    fast = onednn.available(dtype) if onednn_ok is None else onednn_ok
     tile = winograd.winograd_tile(shape, features, dtype, fast) if strides == 1 else 0
     if tile:
         return _WINOGRAD_ALGORITHM[tile]

@@ -1,29 +1,37 @@
-"""XLA:CPU's oneDNN convolution and matrix product as JAX primitives, for x86 CPUs.
+"""XLA:CPU's oneDNN convolution and matrix product as JAX primitives: an opt-in for AVX-512 CPUs.
 
 jaxlib's XLA:CPU links oneDNN and runs it for HLO custom calls named ``__onednn$convolution``
 (forward convolution) and ``__onednn$matmul`` (batched matrix product), configured by a backend
 config (``xla.cpu.OneDnnConvolutionConfig`` / ``OneDnnMatMulConfig`` as JSON). XLA only emits
 these calls itself behind off-by-default rewrites; ``conv3x3`` and ``matmul`` emit them directly.
-On the 2-core Zen 4 of ``bench/README.md``:
 
-- a [64, 32, 32, 32] -> 32 3x3 convolution runs at 215 GFLOP/s in float32 (XLA's own kernel:
-  175) and 440 in bfloat16 (XLA computes bfloat16 convolutions at 70); the same for the input
-  gradient, a forward convolution with the flipped, transposed kernel. The kernel gradient is
-  not a small forward convolution, so ``diffjax.models.layers`` keeps XLA's for it;
-- the attention products of the small 32x32 model ([64, 256, 64] x [64, 64, 256] and the
-  like) run at 165-185 GFLOP/s in float32 and 270-340 in bfloat16, where XLA gives them to one
-  thread at 55-86.
+**Off unless ``DIFFJAX_ONEDNN=1``, and then only on AVX-512.** XLA runs these calls on its own
+thread pool (``OneDnnThreadPool``). Where oneDNN has no brgemm kernel for a product (every
+float32 product on an AVX2-only CPU, which oneDNN runs as ``gemm:jit:f32``), its gemm opens a
+parallel region inside the call's parallel region on that pool, and the inner one can wait
+forever for workers that are all busy in the outer one: train steps, eager forward passes and
+500-sample sampling hung on AVX2 CPUs, and glibc once aborted on a corrupted heap. oneDNN has no
+bfloat16 kernels below AVX-512 BF16, and an unsupported primitive kills the process (SIGILL)
+instead of raising. So the calls are emitted only when all of these hold (``supported``):
+x86-64; a jaxlib whose config encoding was checked (``JAXLIB_VERSIONS``); a CPU, and a
+``ONEDNN_MAX_CPU_ISA`` limit if one is set, at oneDNN's ``AVX512_CORE`` for float32 operands and
+``AVX512_CORE_BF16`` for bfloat16 (``REQUIRED_ISA``), where every product runs as
+``brg_matmul``; and a one-time probe of every mode compiles and matches XLA's own ops.
+Everywhere else, and by default, the layers use XLA's convolutions and products, which
+``bench/soak.py`` runs without a hang or crash on AVX2 and AVX-512 (bench/README.md).
 
-The configs are XLA's internal format, which has changed between releases, so the calls are only
-used on the jaxlib versions they were checked on (``JAXLIB_VERSIONS``), on x86-64, and after a
-one-time probe has compiled both and matched XLA's own ops (``available``). ``DIFFJAX_ONEDNN=0``
-turns them off; then (and on other machines) the layers keep XLA's convolutions and products.
+Where it is on, on the 2-core Zen 4 of ``bench/README.md``: a [64, 32, 32, 32] -> 32 3x3
+convolution at 215 GFLOP/s in float32 (XLA: 175) and 440 in bfloat16 (XLA: 70); attention's
+batched products at 165-185 GFLOP/s in float32 (XLA gives them to one thread at 55-86). It
+costs memory (its per-call allocations fragment the malloc heap, bench/README.md) and JAX's
+persistent compilation cache cannot store programs that contain these calls.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 
 import jax
@@ -39,11 +47,37 @@ from diffjax.models.primitives import F32, dot_f32, same_padding, xla_conv
 
 CONV_TARGET = "__onednn$convolution"
 MATMUL_TARGET = "__onednn$matmul"
+# The opt-in: 1/true/yes/on uses oneDNN where ``supported``; unset or anything else does not.
 ENV = "DIFFJAX_ONEDNN"
 # jaxlib versions (prefixes) whose config encoding was checked: 0-based spatial dimension
 # indices, strides and paddings as they are, window dilations stored plus one.
 JAXLIB_VERSIONS = ("0.10.",)
 MACHINES = ("x86_64", "AMD64")
+# oneDNN's instruction-set names (``ONEDNN_MAX_CPU_ISA`` values), lowest first; aliases share a
+# level. "ALL" is no limit.
+ONEDNN_ISAS = (
+    ("SSE41",),
+    ("AVX",),
+    ("AVX2",),
+    ("AVX2_VNNI",),
+    ("AVX2_VNNI_2",),
+    ("AVX512_CORE",),
+    ("AVX512_CORE_VNNI",),
+    ("AVX512_CORE_BF16",),
+    ("AVX512_CORE_FP16", "AVX10_1_512"),
+    ("AVX512_CORE_AMX", "AVX10_1_512_AMX"),
+    ("AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"),
+    ("AVX10_2_512",),
+    ("AVX10_2_512_AMX_2",),
+    ("ALL",),
+)
+# Operand dtype -> (the lowest oneDNN ISA its calls may run at, the CPU flags that ISA needs).
+# Below AVX512_CORE float32 products leave brgemm for the nesting gemm (the hang above); below
+# AVX512_CORE_BF16 oneDNN has no bfloat16 matmul at all.
+REQUIRED_ISA = {
+    np.dtype(np.float32): ("AVX512_CORE", cpu_runtime.AVX512_CORE_FLAGS),
+    np.dtype(jnp.bfloat16): ("AVX512_CORE_BF16", (*cpu_runtime.AVX512_CORE_FLAGS, "avx512_bf16")),
+}
 
 # NHWC activations and HWIO kernels in XLA's dimension numbering.
 _NHWC = {"batch_dim": 0, "feature_dim": 3, "spatial_dims": [1, 2]}
@@ -81,6 +115,11 @@ def _custom_call(target: str, config: str):
     """A lowering rule emitting the custom call ``target`` with backend config ``config``."""
 
     def lowering(ctx, *operands, **params):
+        # The last gate before the call exists: an unsupported primitive would kill the process.
+        for aval in ctx.avals_in:
+            problem = _platform_problem(aval.dtype)
+            if problem:
+                raise NotImplementedError(f"{target} on {aval.dtype} operands: {problem}")
         (out,) = ctx.avals_out
         call = stablehlo.CustomCallOp(
             [mlir.aval_to_ir_type(ctx.module_context, out)],
@@ -199,21 +238,22 @@ def bmm(
     a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False
 ) -> jax.Array:
     """Batched op(a) [B, N, K] @ op(b) [B, K, M] -> float32 [B, N, M]: ``matmul`` when the
-    default backend is the CPU and ``available()``, else XLA's ``dot_general``. Differentiate
-    through a custom VJP made of ``bmm`` calls (as ``layers.bmm_nt`` does), not through it."""
-    fast = jax.default_backend() == "cpu" and available()
+    default backend is the CPU and ``available`` for the operands' dtype (one dtype for both),
+    else XLA's ``dot_general``. Differentiate through a custom VJP made of ``bmm`` calls (as
+    ``layers.bmm_nt`` does), not through it."""
+    fast = a.dtype == b.dtype and jax.default_backend() == "cpu" and available(a.dtype)
     return _BMM[fast](a, b, transpose_a, transpose_b)
 
 
 # --- availability ------------------------------------------------------------------------------
 
 
-def _probe_cases(rng: np.random.Generator):
+def _probe_cases(rng: np.random.Generator, dtype: np.dtype):
     """(oneDNN op, XLA op, static args, operands): both primitives, every mode the layers use."""
-    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
-    k = rng.standard_normal((3, 3, 3, 5)).astype(np.float32)
-    a = rng.standard_normal((2, 4, 3)).astype(np.float32)  # op(a)
-    b = rng.standard_normal((2, 3, 5)).astype(np.float32)  # op(b)
+    x = rng.standard_normal((2, 6, 6, 3)).astype(dtype)
+    k = rng.standard_normal((3, 3, 3, 5)).astype(dtype)
+    a = rng.standard_normal((2, 4, 3)).astype(dtype)  # op(a)
+    b = rng.standard_normal((2, 3, 5)).astype(dtype)  # op(b)
     for s in (1, 2):
         yield conv3x3, xla_conv, (s,), (x, k)
     for ta in (False, True):
@@ -222,20 +262,67 @@ def _probe_cases(rng: np.random.Generator):
             yield matmul, _xla_matmul, (ta, tb), stored
 
 
-@functools.cache
-def available() -> bool:
-    """Whether ``conv3x3`` and ``matmul`` may be used here: the version, machine and switch
-    allow it, and a probe of every mode compiles and matches XLA's ops. Cached per process."""
+def isa_level(name: str) -> int | None:
+    """The rank of a oneDNN ISA name in ``ONEDNN_ISAS`` (any case); None if unknown."""
+    name = name.strip().upper()
+    return next((i for i, names in enumerate(ONEDNN_ISAS) if name in names), None)
+
+
+def isa_problem(dtype, flags: frozenset[str], limit: str | None) -> str | None:
+    """Why oneDNN calls on ``dtype`` operands must not run on a CPU with ``flags`` under the
+    ``ONEDNN_MAX_CPU_ISA`` value ``limit`` (None: unset); None when they may."""
+    dtype = np.dtype(dtype)
+    if dtype not in REQUIRED_ISA:
+        return f"no oneDNN path for {dtype.name} operands (only {_names(REQUIRED_ISA)})"
+    need, need_flags = REQUIRED_ISA[dtype]
+    missing = sorted(set(need_flags) - flags)
+    if missing:
+        return (
+            f"{dtype.name} needs oneDNN's {need} (CPU flags {', '.join(missing)} missing; "
+            f"this CPU: {cpu_runtime.isa(flags)})"
+        )
+    if limit is not None:
+        level = isa_level(limit)
+        if level is None or level < isa_level(need):
+            return f"ONEDNN_MAX_CPU_ISA={limit} is below the {need} that {dtype.name} needs"
+    return None
+
+
+def _names(table) -> str:
+    return ", ".join(np.dtype(d).name for d in table)
+
+
+def _onednn_isa_limit() -> str | None:
+    # oneDNN reads ONEDNN_MAX_CPU_ISA, and DNNL_MAX_CPU_ISA where the former is unset.
+    return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
+
+
+def unsupported_reason(dtype=np.float32) -> str | None:
+    """Why ``conv3x3`` and ``matmul`` on ``dtype`` operands may not be used in this process
+    (machine, jaxlib version, ISA, or a probe of every mode that failed to compile or to match
+    XLA's ops); None when they may. Cached per process and dtype; never reads ``ENV``."""
+    return _unsupported_reason(np.dtype(dtype))
+
+
+def _platform_problem(dtype) -> str | None:
+    """The machine, jaxlib and ISA part of ``unsupported_reason`` (no probe)."""
     import jaxlib.version
 
-    if not cpu_runtime.env_enabled(ENV):
-        return False
     if platform.machine() not in MACHINES:
-        return False
-    if not jaxlib.version.__version__.startswith(JAXLIB_VERSIONS):
-        return False
+        return f"oneDNN calls are for x86-64, not {platform.machine()}"
+    version = jaxlib.version.__version__
+    if not version.startswith(JAXLIB_VERSIONS):
+        return f"jaxlib {version} is not one of the checked {', '.join(JAXLIB_VERSIONS)}x"
+    return isa_problem(dtype, cpu_runtime.cpu_flags(), _onednn_isa_limit())
+
+
+@functools.cache
+def _unsupported_reason(dtype: np.dtype) -> str | None:
+    problem = _platform_problem(dtype)
+    if problem:
+        return problem
     try:
-        for op, ref, static, args in _probe_cases(np.random.default_rng(0)):
+        for op, ref, static, args in _probe_cases(np.random.default_rng(0), dtype):
             statics = tuple(range(len(args), len(args) + len(static)))
             # Compiled explicitly: this may run while a caller's jit is tracing, which would
             # stage a plain jit call into that trace instead of running it.
@@ -243,9 +330,44 @@ def available() -> bool:
                 jax.jit(f, static_argnums=statics).lower(*args, *static).compile()
                 for f in (op, ref)
             )
-            got, want = (np.asarray(c(*args)) for c in compiled)
+            got, want = (np.asarray(c(*args), np.float32) for c in compiled)
+            # bfloat16 operands: both sides accumulate in float32 from the same rounded inputs.
             if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
-                return False
-    except Exception:  # noqa: BLE001 - any failure (no such custom call, bad config) means no
-        return False
-    return True
+                return f"the probe of {op.__name__}{static} did not match XLA's op"
+    except Exception as e:  # noqa: BLE001 - any failure (no such custom call, bad config) means no
+        return f"the probe failed: {type(e).__name__}: {e}"
+    return None
+
+
+def supported(dtype=np.float32) -> bool:
+    """Whether oneDNN calls on ``dtype`` operands can run safely here (``unsupported_reason``)."""
+    return unsupported_reason(dtype) is None
+
+
+def enabled() -> bool:
+    """Whether this process opted in with ``DIFFJAX_ONEDNN=1`` (read at every trace)."""
+    return cpu_runtime.env_enabled(ENV, default=False)
+
+
+def available(dtype=np.float32) -> bool:
+    """Whether the layers emit oneDNN calls for ``dtype`` operands: opted in and supported."""
+    return enabled() and supported(dtype)
+
+
+def describe(dtype=np.float32) -> str:
+    """One line saying which convolutions and products a CPU program of ``dtype`` compute uses,
+    and why (printed once by the entry points)."""
+    if available(dtype):
+        return (
+            f"CPU kernels: oneDNN convolutions and products ({ENV}=1; "
+            f"{cpu_runtime.isa()}) with Winograd and XLA's ops"
+        )
+    why = unsupported_reason(dtype) if enabled() else None
+    if why:
+        return (
+            f"CPU kernels: XLA's convolutions and products with Winograd ({ENV}=1 ignored: {why})"
+        )
+    return (
+        "CPU kernels: XLA's convolutions and products with Winograd (the default; "
+        f"{ENV}=1 opts in to oneDNN on AVX-512 CPUs)"
+    )

@@ -344,7 +344,7 @@ def winograd_tile(
     """Output tile m of the Winograd F(m x m, 3x3) that a stride-1 3x3 convolution of a
     [B, H, W, C] input in ``dtype`` compute runs as: 4, 2, or 0 (not Winograd)."""
     b, h, w, c = shape
-    fast = onednn.available() if onednn_ok is None else onednn_ok
+    fast = onednn.available(dtype) if onednn_ok is None else onednn_ok
     if (
         jnp.dtype(dtype) in WINOGRAD4_DTYPES
         and h % 4 == 0
