@@ -37,6 +37,42 @@ class OneLineParser(argparse.ArgumentParser):
         fail(self.name, message)
 
 
+def add_watchdog_flags(parser: argparse.ArgumentParser) -> None:
+    """``--watchdog_factor``, ``--watchdog_min_seconds``, ``--watchdog_first_seconds``
+    (``diffjax.watchdog``), defaults as training's."""
+    from diffjax.watchdog import WatchdogSettings
+
+    helps = {
+        "factor": "a call may take this many times its median (0: no watchdog)",
+        "min_seconds": "but never less than this many seconds",
+        "first_seconds": "limit of the first call, which compiles (0: not watched)",
+    }
+    for name, text in helps.items():
+        default = getattr(WatchdogSettings, name)
+        parser.add_argument(f"--watchdog_{name}", type=float, default=default, help=text)
+
+
+def watchdog_settings(args: argparse.Namespace):
+    """The ``WatchdogSettings`` of the flags; raises UsageError naming a bad value."""
+    from diffjax.watchdog import FIELD_RULES, WatchdogSettings
+
+    values = {name: getattr(args, f"watchdog_{name}") for name in FIELD_RULES}
+    for name, (ok, allowed) in FIELD_RULES.items():
+        if not ok(values[name]):
+            raise UsageError(f"--watchdog_{name}={values[name]}: allowed: {allowed}")
+    return WatchdogSettings(**values)
+
+
+def print_kernels(compute_dtype: str) -> None:
+    """On a CPU backend, say once on stderr which convolutions and products the run uses."""
+    import jax
+
+    from diffjax.models import onednn
+
+    if jax.default_backend() == "cpu":
+        print(onednn.describe(compute_dtype), file=sys.stderr)
+
+
 def run_compute_dtype(workdir: str) -> str:
     """The run's compute dtype (``model.dtype`` of its config.json; float32 if absent)."""
     config = json.loads((epath.Path(workdir) / "config.json").read_text())

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from diffjax import diffusion, losses, schedules
+from diffjax import diffusion, losses, schedules, watchdog
 from diffjax.errors import (
     ConfigError,
     ReportableError,
@@ -155,6 +155,7 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("training.class_dropout", *_real_in(0, 1, lo_open=False, hi_open=False)),
         ("training.nan_policy", *_one_of(NAN_POLICIES)),
         ("training.max_consecutive_skips", *_int_at_least(1)),
+        *((f"training.watchdog_{name}", *rule) for name, rule in watchdog.FIELD_RULES.items()),
         ("optimizer.learning_rate", *_positive_real()),
         ("optimizer.warmup_steps", *_int_at_least(0)),
         ("optimizer.grad_clip", *_non_negative_real()),  # 0 = no clipping

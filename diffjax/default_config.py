@@ -11,7 +11,7 @@ what differs, so the schema is written once. Sections and keys:
 - ``diffusion``: schedule, num_timesteps, mean_type, var_type, loss_type.
 - ``training``: num_train_steps, batch_size (global), seed, checkpoint_every_steps,
   sample_every_steps, log_every_steps, keep_checkpoints, ema_decay, class_dropout, nan_policy,
-  max_consecutive_skips.
+  max_consecutive_skips, watchdog_factor, watchdog_min_seconds, watchdog_first_seconds.
 - ``optimizer``: learning_rate, warmup_steps, grad_clip (global norm; 0 = no clipping), beta1,
   beta2, eps.
 - ``sampling``: num_samples, sampler ("ddpm" | "ddim"), num_steps (0 = all T), eta,
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
+
+from diffjax.watchdog import WatchdogSettings
 
 # Training splits whose decoded images fit in this many MiB are decoded once, at the start
 # (data.cache_max_mb; CIFAR-10's 50,000 x 32 x 32 x 3 take 146 MiB). Also the value for run
@@ -75,6 +77,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.class_dropout = 0.1  # used only when model.num_classes > 0
     training.nan_policy = "stop"
     training.max_consecutive_skips = 10
+    # A step, sample grid or checkpoint that takes max(factor x its median, min_seconds) ends
+    # the run with exit status 124 and the Python stacks (diffjax.watchdog); factor 0: off.
+    # first_seconds > 0 also bounds each one's first call, which compiles.
+    training.watchdog_factor = WatchdogSettings.factor
+    training.watchdog_min_seconds = WatchdogSettings.min_seconds
+    training.watchdog_first_seconds = WatchdogSettings.first_seconds
 
     config.optimizer = optimizer = ml_collections.ConfigDict()
     optimizer.learning_rate = 2e-4

@@ -8,6 +8,7 @@ Usage::
         [--inception_weights=inception_fid.npz] [--ref_stats=cifar10_train.npz]
         [--ref_split=train] [--preprocessing=tf1] [--is_splits=10]
         [--clip_denoised=true] [--condition=label] [--data_dir=DIR] [--out=FILE.json]
+        [--watchdog_factor=20] [--watchdog_min_seconds=120] [--watchdog_first_seconds=0]
 
 Metrics (default: ``bpd,digits_fd`` for digits/MNIST, ``bpd,fid,is`` otherwise):
 
@@ -26,6 +27,10 @@ Metrics (default: ``bpd,digits_fd`` for digits/MNIST, ``bpd,fid,is`` otherwise):
 Samples come from the EMA parameters, ``--batch_size`` per compiled call, chunk c with key
 ``fold_in(key(seed), c)``; a class-conditional model cycles through the classes. Results are
 printed and merged into ``RUN/eval/step_<step>.json`` (or ``--out``) with how they were made.
+A bpd or sampling batch that takes longer than max(``--watchdog_factor`` x its median,
+``--watchdog_min_seconds``) prints the Python stacks and exits with status 124
+(``diffjax.watchdog``; the first batch of each compiles and is only watched with
+``--watchdog_first_seconds`` > 0).
 Bad flags, a missing run or a missing weights file print one line
 ``diffjax.evaluate: error: ...`` and exit with status 2.
 """
@@ -89,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--condition", default="label", help="bpd of a conditional model: label or null")
     add("--data_dir", default=None, help="override config.data.data_dir")
     add("--out", default=None, help="JSON file (default: RUN/eval/step_<step>.json)")
+    cli.add_watchdog_flags(p)
     return p
 
 
@@ -127,6 +133,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise UsageError(f"--{name}={value}: allowed: {allowed}")
     args.metrics = metrics
     args.clip_denoised = _BOOLS[args.clip_denoised.lower()]
+    args.watchdog = cli.watchdog_settings(args)
     return args
 
 
@@ -189,13 +196,20 @@ def _bpd(ctx: dict[str, Any]) -> dict[str, Any]:
         )
     bar = tqdm(total=total, desc=f"bpd ({run.schedule.num_timesteps} steps/batch)", file=sys.stderr)
 
+    dog = ctx["watchdog"]
+
     def progress(i: int, seen: int) -> None:
         bar.update(seen - bar.n)
+        dog.beat("bpd batch", f"bpd batch {i + 2}, after {seen} examples")
 
-    result = bpd.evaluate_bpd(
-        step, run.params, batches, jax.random.key(args.seed), use_labels=use_labels,
-        max_examples=args.max_examples, progress=progress, devices=devices,
-    )  # fmt: skip
+    dog.start("bpd batch", "bpd batch 1")
+    try:
+        result = bpd.evaluate_bpd(
+            step, run.params, batches, jax.random.key(args.seed), use_labels=use_labels,
+            max_examples=args.max_examples, progress=progress, devices=devices,
+        )  # fmt: skip
+    finally:
+        dog.close()
     bar.close()
     result.update(
         split=split, seed=args.seed, clip_denoised=args.clip_denoised,
@@ -238,12 +252,14 @@ def _samples(ctx: dict[str, Any], num: int) -> Any:
     key = jax.random.key(args.seed)
     out = []
     for c in tqdm(range(chunks), desc=f"sampling ({sampler})", unit="batch", file=sys.stderr):
-        x = run.sample(
-            jax.random.fold_in(key, c), per_call, sampler=sampler, steps=args.steps,
-            eta=args.eta, y=None if labels is None else labels[c * per_call : (c + 1) * per_call],
-            guidance_scale=guidance, devices=devices,
-        )  # fmt: skip
-        out.append(images.to_uint8(x))
+        with ctx["watchdog"].watch("sampling batch", f"batch {c + 1} of {chunks}"):
+            x = run.sample(
+                jax.random.fold_in(key, c), per_call, sampler=sampler, steps=args.steps,
+                eta=args.eta,
+                y=None if labels is None else labels[c * per_call : (c + 1) * per_call],
+                guidance_scale=guidance, devices=devices,
+            )  # fmt: skip
+            out.append(images.to_uint8(x))
     ctx["samples"] = np.concatenate(out)[:num]
     steps = options.get(
         "num_steps", len(options.get("timesteps", ())) or run.schedule.num_timesteps
@@ -430,7 +446,9 @@ def _run(args: argparse.Namespace) -> str:
         with config.unlocked():
             config.data.data_dir = args.data_dir
     metrics = args.metrics
-    ctx: dict[str, Any] = dict(run=run, args=args, config=config)
+    from diffjax.watchdog import Watchdog
+
+    ctx: dict[str, Any] = dict(run=run, args=args, config=config, watchdog=Watchdog(args.watchdog))
     results = {}
     for name in metrics:
         start = time.time()
@@ -463,6 +481,7 @@ def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) 
         _check_files(args)
         if configure_runtime:
             cpu_runtime.configure(cli.run_compute_dtype(args.workdir))
+            cli.print_kernels(cli.run_compute_dtype(args.workdir))
         message = _run(args)
     except UsageError as e:
         _fail(str(e))

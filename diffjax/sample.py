@@ -4,7 +4,8 @@ Usage::
 
     python -m diffjax.sample --workdir=RUN [--num=64] [--sampler=ddim] [--steps=50]
         [--out=FILE.png] [--eta=0.0] [--seed=0] [--class_label=3] [--guidance_scale=1.0]
-        [--step=STEP] [--batch_size=16]
+        [--step=STEP] [--batch_size=16] [--watchdog_factor=20] [--watchdog_min_seconds=120]
+        [--watchdog_first_seconds=0]
 
 Options left out come from the run's ``config.sampling`` (``--num`` from ``num_samples``); the
 parameters are the EMA parameters of the latest checkpoint (or ``--step``). ``--out`` defaults to
@@ -16,6 +17,10 @@ Progress: a ``lax.scan`` has no per-step host callback, so the samples are drawn
 same size and its extra samples dropped) and the progress bar counts chunks. Chunk ``c`` uses the
 key ``fold_in(key(seed), c)``. Labels: ``--class_label`` for all samples, else a conditional
 model cycles through the classes 0, 1, ..., num_classes - 1.
+
+Watchdog (``diffjax.watchdog``): a batch that takes longer than max(``--watchdog_factor`` x the
+median batch, ``--watchdog_min_seconds``) prints the Python stacks and exits with status 124;
+the first batch compiles and is only watched with ``--watchdog_first_seconds`` > 0.
 
 Bad flags, a missing workdir or a workdir without checkpoint print one line
 ``diffjax.sample: error: ...`` and exit with status 2.
@@ -61,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch_size", type=int, default=0, help="samples per compiled call (0: all at once)"
     )
+    cli.add_watchdog_flags(p)
     return p
 
 
@@ -90,6 +96,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, value, ok, allowed in checks:
         if not ok:
             raise UsageError(f"--{name}={value}: allowed: {allowed}")
+    args.watchdog = cli.watchdog_settings(args)
     return args
 
 
@@ -122,6 +129,7 @@ def _run(args: argparse.Namespace) -> str:
 
     from diffjax import checkpointing, images
     from diffjax.run import load_run, resolve_sampling_options
+    from diffjax.watchdog import Watchdog
 
     # Checkpoint restoring logs orbax warnings that are no concern of a sampling command.
     logging.set_verbosity(logging.ERROR)
@@ -154,19 +162,21 @@ def _run(args: argparse.Namespace) -> str:
 
     key = jax.random.key(args.seed)
     out = []
+    dog = Watchdog(args.watchdog)
     bar = tqdm(range(chunks), desc=f"{sampler}, {steps} steps", unit="batch", file=sys.stderr)
     for c in bar:
-        x = run.sample(
-            jax.random.fold_in(key, c),
-            per_call,
-            sampler=sampler,
-            steps=args.steps,
-            eta=args.eta,
-            y=None if labels is None else labels[c * per_call : (c + 1) * per_call],
-            guidance_scale=args.guidance_scale,
-            devices=devices,
-        )
-        out.append(images.to_uint8(x))  # [per_call, H, W, C]; waits for the chunk
+        with dog.watch("sampling batch", f"batch {c + 1} of {chunks}, {per_call} samples"):
+            x = run.sample(
+                jax.random.fold_in(key, c),
+                per_call,
+                sampler=sampler,
+                steps=args.steps,
+                eta=args.eta,
+                y=None if labels is None else labels[c * per_call : (c + 1) * per_call],
+                guidance_scale=args.guidance_scale,
+                devices=devices,
+            )
+            out.append(images.to_uint8(x))  # [per_call, H, W, C]; waits for the chunk
     samples = np.concatenate(out)[:num]
 
     png = epath.Path(args.out or _default_out(args, run.step, sampler, steps))
@@ -199,6 +209,7 @@ def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) 
         _check_workdir(args.workdir)
         if configure_runtime:
             cpu_runtime.configure(cli.run_compute_dtype(args.workdir))
+            cli.print_kernels(cli.run_compute_dtype(args.workdir))
         message = _run(args)
     except UsageError as e:
         _fail(str(e))

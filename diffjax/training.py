@@ -53,11 +53,11 @@ from etils import epath
 from flax import jax_utils
 from tqdm import tqdm
 
-from diffjax import checkpointing, images, input_pipeline
+from diffjax import checkpointing, images, input_pipeline, watchdog
 from diffjax.config_validation import validate_config
 from diffjax.errors import ReportableError
 from diffjax.metrics_writer import MetricWriter, format_metrics
-from diffjax.models import create_model
+from diffjax.models import create_model, onednn
 from diffjax.preemption import StopGuard
 from diffjax.run import resolve_sampling_options, sample_with_params
 from diffjax.schedules import Schedule, make_schedule
@@ -292,6 +292,8 @@ def train_and_evaluate(
     if is_main:
         prepare_workdir(workdir)
         print(f"workdir: {workdir}")
+        if jax.default_backend() == "cpu":
+            print(onednn.describe(jnp.dtype(config.model.dtype)))
 
     model = create_model(config)
     schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -306,11 +308,17 @@ def train_and_evaluate(
     history: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
     stopped_early = False
+    dog = watchdog.Watchdog(
+        watchdog.WatchdogSettings(
+            tc.watchdog_factor, tc.watchdog_min_seconds, tc.watchdog_first_seconds
+        )
+    )
     # Closed in reverse order on any exit; the manager's close waits for pending saves.
     with contextlib.ExitStack() as stack:
         manager = stack.enter_context(
             checkpointing.create_checkpoint_manager(workdir, keep=tc.keep_checkpoints)
         )
+        stack.callback(dog.close)  # an error on the way out is reported, not timed out
         # From here on SIGTERM / SIGINT are recorded, not fatal: the loop stops at a step end.
         guard = stack.enter_context(StopGuard(sync_every_steps=STOP_SYNC_EVERY_STEPS))
         state = _restore_or_init(config, model, manager, init_key)
@@ -343,6 +351,9 @@ def train_and_evaluate(
             if is_main:
                 bar.write(f"stopped by {guard.reason} before the first step: nothing new to save")
         while not stopped_early and step < tc.num_train_steps:
+            # One iteration waits for the previous step's flags (below): a step that never
+            # finishes stops the iteration, and the watchdog ends the process.
+            dog.start("train step", f"step {step + 1}, waiting for the device")
             batch = next(train_iter)
             batch = _shard({k: batch[k] for k in keep}, num_local)
             p_state, metrics = p_train_step(p_state, batch)
@@ -389,6 +400,7 @@ def train_and_evaluate(
                         f"step {bad_step}: non-finite loss or gradient, update skipped "
                         f"({consecutive_bad} in a row; at most {tc.max_consecutive_skips})"
                     )
+            dog.finish()
 
             if log_now:
                 last_metrics = _mean_metrics(history)
@@ -404,20 +416,22 @@ def train_and_evaluate(
 
             if save_now:
                 unrep = jax_utils.unreplicate(p_state)
-                checkpointing.save_training_checkpoint(
-                    manager,
-                    step,
-                    params=unrep.params,
-                    ema_params=unrep.ema_params,
-                    opt_state=unrep.opt_state,
-                    meta=_meta(config, step),
-                )
+                with dog.watch("checkpoint save", f"checkpoint of step {step}"):
+                    checkpointing.save_training_checkpoint(
+                        manager,
+                        step,
+                        params=unrep.params,
+                        ema_params=unrep.ema_params,
+                        opt_state=unrep.opt_state,
+                        meta=_meta(config, step),
+                    )
                 last_saved = step
 
             if sample_now:
                 # Host copy: the sampler places it on its own devices.
                 ema = jax.device_get(jax_utils.unreplicate(p_state.ema_params))
-                path = _write_samples(sample_fn, ema, sample_key, step, workdir, writer)
+                with dog.watch("sample grid", f"samples of step {step}"):
+                    path = _write_samples(sample_fn, ema, sample_key, step, workdir, writer)
                 bar.write(f"step {step}: samples in {path}")
                 writer.flush()
                 timer_start, timer_steps = time.perf_counter(), 0  # images/s: training only

@@ -59,6 +59,9 @@ def _valid_config() -> ml_collections.ConfigDict:
         class_dropout=0.1,
         nan_policy="stop",
         max_consecutive_skips=3,
+        watchdog_factor=20.0,
+        watchdog_min_seconds=120.0,
+        watchdog_first_seconds=0.0,
     )
     c.optimizer = dict(
         learning_rate=2e-4, warmup_steps=0, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8
@@ -133,6 +136,10 @@ SINGLE_PROBLEMS = [
     ("training.nan_policy", "ignore", ["stop", "skip"]),
     ("training.max_consecutive_skips", 0, [">= 1"]),
     ("training.class_dropout", 1.5, ["[0, 1]"]),
+    ("training.watchdog_factor", 1.5, ["0 (off)", ">= 2"]),
+    ("training.watchdog_factor", float("inf"), [">= 2"]),
+    ("training.watchdog_min_seconds", 0.0, ["> 0"]),
+    ("training.watchdog_first_seconds", -1.0, ["not watched", "> 0"]),
     ("training.num_train_steps", True, ["integer"]),
     ("sampling.sampler", "euler", ["ddpm", "ddim"]),
     ("sampling.num_steps", 101, ["<= diffusion.num_timesteps = 100"]),
