@@ -1,0 +1,54 @@
+"""The reduced soak (bench/soak.py --cells quick): fresh processes under a hang watchdog.
+
+It holds oneDNN and XLA to AVX2 and asks for oneDNN (``--onednn on``), the setting in which the
+U-Net hung (oneDNN's nested gemm) and bfloat16 killed the process (SIGILL) before oneDNN was
+gated: every run must now end normally, on the default XLA path. The soak's own detectors are
+checked first, on a child that stalls without CPU and one that aborts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _train_helpers import REPO
+
+SOAK = REPO / "bench" / "soak.py"
+
+
+def _soak(tmp_path, *flags, timeout):
+    out_json = tmp_path / "soak.json"
+    res = subprocess.run(
+        [sys.executable, str(SOAK), f"--logs={tmp_path / 'logs'}", f"--json={out_json}", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    results = json.loads(out_json.read_text())["results"] if out_json.exists() else []
+    return res, results
+
+
+def test_soak_detects_a_hang_and_a_crash(tmp_path):
+    cells = "digits:float32:selftest_hang:1:1,digits:float32:selftest_crash:1:1"
+    res, results = _soak(tmp_path, f"--cells={cells}", "--idle=3", timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert [r["status"] for r in results] == ["hang", "crash"], res.stdout
+    assert "SIGABRT" in results[1]["detail"]
+    hang_log = open(results[0]["log"]).read()
+    assert "in run_cell" in hang_log  # the child's Python stack, dumped on SIGUSR1
+    assert "soak: 2 runs: 0 ok, 1 hangs, 1 crashes" in res.stdout
+
+
+@pytest.mark.slow  # eight fresh processes, each compiling a U-Net: about 3 minutes on 2 cores
+def test_quick_soak_held_to_avx2_has_no_hang_and_no_crash(tmp_path):
+    # --idle 60: a child on a loaded 2-core machine (pytest -n 2) may wait its turn, but a
+    # deadlocked one uses no CPU at all.
+    res, results = _soak(
+        tmp_path, "--cells=quick", "--isa=AVX2", "--onednn=on", "--idle=60", timeout=1500
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert len(results) == 8 and all(r["status"] == "ok" for r in results)
+    # The switch was refused for the ISA, with the reason, and the runs took XLA's kernels.
+    assert all("ONEDNN_MAX_CPU_ISA=AVX2 is below" in r["detail"] for r in results), results
