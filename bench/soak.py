@@ -182,6 +182,7 @@ def run_cell(cell: Cell) -> str:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import jax_utils
 
     from diffjax import sampling, train_state, train_step
     from diffjax.models import create_model, onednn
@@ -213,7 +214,7 @@ def run_cell(cell: Cell) -> str:
     if cell.op == "train_step":
         schedule = make_schedule("linear", 1000)
         state = train_state.create_train_state(config, model, key)
-        p_state = jax.device_put_replicated(state, jax.local_devices())
+        p_state = jax_utils.replicate(state, axis_name=train_step.AXIS_NAME)
         p_step = train_step.make_p_train_step(config, model, schedule, key)
         sharded = {"image": x.reshape(n, -1, *x.shape[1:])}
         for _ in range(3):
