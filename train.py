@@ -51,6 +51,7 @@ def main(argv: list[str]) -> None:
     # Before any JAX computation: XLA:CPU's settings for speed (diffjax/cpu_runtime.py), then
     # this process joins the other processes of a multi-host run.
     cpu_runtime.configure(_CONFIG.value.model.dtype)
+    cpu_runtime.enable_compilation_cache()
     training.initialize_distributed()
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])

@@ -30,6 +30,13 @@ computed, only how fast (the tests compare gradients and losses with and without
 
 Measured gains are in ``bench/README.md`` ("CPU runtime settings").
 
+3. **persistent compilation cache** (``enable_compilation_cache``, any backend): the entry points
+   keep compiled programs in ``$JAX_COMPILATION_CACHE_DIR``, else
+   ``$XDG_CACHE_HOME/diffjax/jax`` (``~/.cache/diffjax/jax``), so that a second ``python -m
+   diffjax.sample`` of the same run skips its compiles (digits, 64 DDIM-50 samples: 9.4 -> 5.0 s
+   wall). ``DIFFJAX_COMPILATION_CACHE=0`` turns it off. Programs with oneDNN calls (the opt-in of
+   ``diffjax.models.onednn``) cannot be stored: XLA:CPU fails to serialize them.
+
 ``isa()`` names the instruction set of this CPU (AVX2, AVX-512, AVX-512 BF16, AMX) for the
 benchmarks' reports and for the oneDNN gate (``diffjax.models.onednn``).
 """
@@ -43,6 +50,7 @@ import os
 import platform
 
 REUSE_ENV = "DIFFJAX_REUSE_FREED_MEMORY"
+CACHE_ENV = "DIFFJAX_COMPILATION_CACHE"
 FUSIONS_ENV = "DIFFJAX_YNN_FUSIONS"
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -185,6 +193,32 @@ def compiler_options(compute_dtype: str) -> dict[str, str]:
     """
     value = _enabled_fusion_types(compute_dtype)
     return {} if value is None else {YNN_FLAG.lstrip("-"): value}
+
+
+def compilation_cache_dir() -> str | None:
+    """Where the entry points keep compiled programs: ``$JAX_COMPILATION_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/diffjax/jax`` (default ``~/.cache/diffjax/jax``); None when
+    ``DIFFJAX_COMPILATION_CACHE=0``."""
+    if not env_enabled(CACHE_ENV):
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "diffjax", "jax")
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache at ``compilation_cache_dir()`` unless the
+    process already set one; returns the folder in use (None: off). Imports jax (no backend
+    starts)."""
+    import jax
+
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+    return jax.config.jax_compilation_cache_dir
 
 
 def configure(compute_dtype: str = "float32") -> list[str]:

@@ -474,13 +474,15 @@ def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) 
     """Run the command line; returns 0, or exits with status 2 on a usage error.
 
     ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype before
-    any JAX computation (the command line does; a caller that already computed with JAX need not).
+    any JAX computation and turn on the persistent compilation cache (the command line does; a
+    caller that already computed with JAX need not).
     """
     try:
         args = parse_args(argv)
         _check_files(args)
         if configure_runtime:
             cpu_runtime.configure(cli.run_compute_dtype(args.workdir))
+            cpu_runtime.enable_compilation_cache()
             cli.print_kernels(cli.run_compute_dtype(args.workdir))
         message = _run(args)
     except UsageError as e:

@@ -10,6 +10,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Entry points run as subprocesses keep no compiled programs in the user's cache folder (tests
+# that want a cache set JAX_COMPILATION_CACHE_DIR, which JAX reads itself).
+os.environ.setdefault("DIFFJAX_COMPILATION_CACHE", "0")
 
 from diffjax import cpu_runtime  # noqa: E402  (imports no jax)
 

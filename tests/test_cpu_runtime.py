@@ -166,3 +166,40 @@ def test_env_enabled(monkeypatch, value, default, want):
     else:
         monkeypatch.setenv("DIFFJAX_TEST_SWITCH", value)
     assert cpu_runtime.env_enabled("DIFFJAX_TEST_SWITCH", default) == want
+
+
+def test_compilation_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv(cpu_runtime.CACHE_ENV, "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cpu_runtime.compilation_cache_dir() == str(tmp_path / "diffjax" / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert cpu_runtime.compilation_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setenv(cpu_runtime.CACHE_ENV, "0")
+    assert cpu_runtime.compilation_cache_dir() is None
+
+
+def test_entry_point_cache_stores_a_default_path_program(tmp_path):
+    # The default path's programs (no oneDNN calls) are stored; a second process reads them.
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp
+        from diffjax import cpu_runtime
+        from diffjax.models.unet import UNet
+        print(cpu_runtime.enable_compilation_cache())
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        net = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), out_channels=1,
+                   num_groups=8)
+        x, t = jnp.ones((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32)
+        p = jax.jit(lambda: net.init(jax.random.key(0), x, t, train=False))()
+        jax.jit(lambda p: net.apply(p, x, t, train=False))(p).block_until_ready()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update({cpu_runtime.CACHE_ENV: "1", "XDG_CACHE_HOME": str(tmp_path)})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "diffjax" / "jax"
+    assert out.stdout.strip() == str(folder)
+    assert len(list(folder.iterdir())) >= 2, "the init and apply programs were not stored"
+    assert "Error writing persistent compilation cache" not in out.stderr
