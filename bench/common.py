@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -159,20 +158,16 @@ def environment() -> str:
         except metadata.PackageNotFoundError:
             return "-"
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     pkgs = ", ".join(
         f"{p} {ver(p)}" for p in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers")
     )
     return (
-        f"device: {jax.devices()[0].device_kind} ({cpu}, {os.cpu_count()} cores)\n"
+        f"device: {jax.devices()[0].device_kind} ({cpu_runtime.describe_cpu()})\n"
         f"versions: {pkgs}\n"
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}, "
         f"malloc reuses freed memory: {'yes' if REUSE_FREED_MEMORY else 'no'}, "
-        f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}, "
-        f"oneDNN convolutions: {'yes' if onednn.available() else 'no'}"
+        f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}\n"
+        f"float32 {onednn.describe(jnp.float32)}\n"
+        f"bfloat16 {onednn.describe(jnp.bfloat16)}"
     )

@@ -128,11 +128,19 @@ def isa(flags: frozenset[str] | None = None) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else ``platform.processor()``/``machine()``."""
+    """The CPU's model name and x86 family/model numbers from /proc/cpuinfo (virtual machines
+    often report only "AMD EPYC"; family 25 model 1 is a Zen 3, model 17 a Zen 4), else
+    ``platform.processor()`` or ``platform.machine()``."""
+    fields: dict[str, str] = {}
     for line in _proc_cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+        if not line.strip():
+            break  # the first CPU only
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def describe_cpu() -> str:
