@@ -55,6 +55,9 @@ SCHEMA = {
         "class_dropout",
         "nan_policy",
         "max_consecutive_skips",
+        "watchdog_factor",
+        "watchdog_min_seconds",
+        "watchdog_first_seconds",
     },
     "optimizer": {"learning_rate", "warmup_steps", "grad_clip", "beta1", "beta2", "eps"},
     "sampling": {

@@ -13,12 +13,13 @@ forever for workers that are all busy in the outer one: train steps, eager forwa
 500-sample sampling hung on AVX2 CPUs, and glibc once aborted on a corrupted heap. oneDNN has no
 bfloat16 kernels below AVX-512 BF16, and an unsupported primitive kills the process (SIGILL)
 instead of raising. So the calls are emitted only when all of these hold (``supported``):
-x86-64; a jaxlib whose config encoding was checked (``JAXLIB_VERSIONS``); a CPU, and a
-``ONEDNN_MAX_CPU_ISA`` limit if one is set, at oneDNN's ``AVX512_CORE`` for float32 operands and
-``AVX512_CORE_BF16`` for bfloat16 (``REQUIRED_ISA``), where every product runs as
-``brg_matmul``; and a one-time probe of every mode compiles and matches XLA's own ops.
-Everywhere else, and by default, the layers use XLA's convolutions and products, which
-``bench/soak.py`` runs without a hang or crash on AVX2 and AVX-512 (bench/README.md).
+x86-64; a jaxlib whose config encoding was checked (``JAXLIB_VERSIONS``); the CPU reaches
+oneDNN's ``AVX512_CORE`` for float32 operands (``AVX512_CORE_BF16`` for bfloat16), and so does
+``ONEDNN_MAX_CPU_ISA`` if it is set (``REQUIRED_ISA``; there oneDNN ran every product of the
+U-Net as ``brg_matmul``, ``ONEDNN_VERBOSE=1``); and a one-time probe of every mode compiles and
+matches XLA's own ops. The lowering checks the operands' dtype once more, so a direct call that
+would not be supported raises instead. Everywhere else, and by default, the layers use XLA's
+convolutions and products (``bench/soak.py``: no hang or crash on AVX-512 or held to AVX2).
 
 Where it is on, on the 2-core Zen 4 of ``bench/README.md``: a [64, 32, 32, 32] -> 32 3x3
 convolution at 215 GFLOP/s in float32 (XLA: 175) and 440 in bfloat16 (XLA: 70); attention's
