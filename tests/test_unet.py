@@ -469,6 +469,27 @@ def test_bfloat16_compute_close_to_float32(tiny):
     assert rel < 5e-2, rel
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_bfloat16_init_and_apply_at_batch_1_and_2(tiny, batch, jitted):
+    # bfloat16 init killed the process (SIGILL in oneDNN's matmul) on AVX2 CPUs: init and apply
+    # must run on every CPU, eager and jitted, at the smallest batches (the timestep
+    # embedding's products are then 1 or 2 rows). The same tolerance as above, against float32.
+    model, params, x, t, _ = tiny
+    bf16 = UNet(**TINY, out_channels=CH, dtype=jnp.bfloat16)
+    x, t = x[:batch], t[:batch]
+    init = lambda: bf16.init({"params": jax.random.key(0)}, x, t, train=False)  # noqa: E731
+    apply = lambda p: bf16.apply({"params": p}, x, t, train=False)  # noqa: E731
+    init, apply = (jax.jit(init), jax.jit(apply)) if jitted else (init, apply)
+    fresh = init()["params"]
+    assert jax.tree.map(lambda a: a.shape, fresh) == jax.tree.map(lambda a: a.shape, params)
+    out16 = apply(params)
+    out32 = model.apply({"params": params}, x, t, train=False)
+    assert out16.shape == (batch, SIZE, SIZE, CH) and out16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert rel < 5e-2, rel
+
+
 def test_class_conditioning_and_null_class(tiny):
     _, _, x, t, _ = tiny
     model = UNet(**TINY, out_channels=CH, num_classes=3)
