@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from diffjax import diffusion, losses, schedules, watchdog
+from diffjax import choices, diffusion, losses, schedules, watchdog
 from diffjax.errors import (
     ConfigError,
     ReportableError,
@@ -53,7 +53,7 @@ __all__ = [
 _MISSING = object()
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = choices.SAMPLERS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +168,12 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("sampling.eta", *_non_negative_real()),
         ("sampling.clip_denoised", *_boolean()),
         ("sampling.guidance_scale", *_non_negative_real()),
+        (
+            "sampling.order",
+            lambda v: _is_int(v) and v in choices.DPM_ORDERS,
+            f"one of {', '.join(map(str, choices.DPM_ORDERS))}",
+        ),
+        ("sampling.spacing", *_one_of(choices.DPM_SPACINGS)),
     ]
     table = _dataset_table()
     if table is not None:

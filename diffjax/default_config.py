@@ -14,8 +14,8 @@ what differs, so the schema is written once. Sections and keys:
   max_consecutive_skips, watchdog_factor, watchdog_min_seconds, watchdog_first_seconds.
 - ``optimizer``: learning_rate, warmup_steps, grad_clip (global norm; 0 = no clipping), beta1,
   beta2, eps.
-- ``sampling``: num_samples, sampler ("ddpm" | "ddim"), num_steps (0 = all T), eta,
-  clip_denoised, guidance_scale.
+- ``sampling``: num_samples, sampler ("ddpm" | "ddim" | "dpm++"), num_steps (0 = all T; 20 for
+  "dpm++"), eta, clip_denoised, guidance_scale, order and spacing (DPM-Solver++).
 """
 
 from __future__ import annotations
@@ -99,4 +99,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.eta = 0.0
     sampling.clip_denoised = True
     sampling.guidance_scale = 0.0
+    sampling.order = 2  # DPM-Solver++ (sampler "dpm++") only
+    sampling.spacing = "logsnr"  # DPM-Solver++ only: logsnr, time, karras, uniform
     return config

@@ -3,7 +3,8 @@
 Usage::
 
     python -m diffjax.evaluate --workdir=RUN [--metrics=bpd,fid,is,digits_fd] [--step=STEP]
-        [--num_samples=N] [--sampler=ddim] [--steps=100] [--eta=0.0] [--guidance_scale=W]
+        [--num_samples=N] [--sampler=ddim] [--steps=100] [--eta=0.0] [--order=2]
+        [--spacing=logsnr] [--guidance_scale=W]
         [--split=test] [--max_examples=N] [--batch_size=100] [--seed=0]
         [--inception_weights=inception_fid.npz] [--ref_stats=cifar10_train.npz]
         [--ref_split=train] [--preprocessing=tf1] [--is_splits=10]
@@ -49,7 +50,7 @@ from typing import Any, NoReturn
 
 from etils import epath
 
-from diffjax import cli, cpu_runtime
+from diffjax import choices, cli, cpu_runtime
 
 __all__ = ["main", "parse_args"]
 
@@ -58,7 +59,7 @@ UsageError = cli.UsageError
 _PROG = "diffjax.evaluate"
 METRICS = ("bpd", "fid", "is", "digits_fd")
 # Repeated from their modules so that flags are checked before jax is imported.
-_SAMPLERS = ("ddpm", "ddim")
+_SAMPLERS = choices.SAMPLERS
 _PREPROCESSING = ("tf1", "pytorch_fid")
 _CONDITIONS = ("label", "null")
 _CLASSIFIER_DATASETS = ("digits", "mnist")
@@ -80,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--sampler", default=None, help=f"one of {', '.join(_SAMPLERS)} (default: config)")
     add("--steps", type=int, default=None, help="sampling steps, 0 = all T (default: config)")
     add("--eta", type=float, default=None, help="DDIM eta (default: config)")
+    add("--order", type=int, default=None, help="dpm++ order: 1, 2 or 3 (default: config)")
+    add("--spacing", default=None, help=f"dpm++ levels: {', '.join(choices.DPM_SPACINGS)}")
     add("--guidance_scale", type=float, default=None, help="classifier-free guidance w")
     add("--split", default=None, help="split for bpd and the digits_fd reference")
     add("--max_examples", type=int, default=None, help="cap on real examples read per split")
@@ -114,6 +117,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ("sampler", args.sampler, args.sampler in (None, *_SAMPLERS), ", ".join(_SAMPLERS)),
         ("steps", args.steps, args.steps is None or args.steps >= 0, "an integer >= 0"),
         ("eta", args.eta, args.eta is None or args.eta >= 0, "a number >= 0"),
+        ("order", args.order, args.order in (None, *choices.DPM_ORDERS), "1, 2 or 3"),
+        ("spacing", args.spacing, args.spacing in (None, *choices.DPM_SPACINGS),
+         ", ".join(choices.DPM_SPACINGS)),
         ("guidance_scale", args.guidance_scale,
          args.guidance_scale is None or args.guidance_scale >= 0, "a number >= 0"),
         ("max_examples", args.max_examples, args.max_examples is None or args.max_examples >= 2,
@@ -233,8 +239,9 @@ def _samples(ctx: dict[str, Any], num: int) -> Any:
     run, args = ctx["run"], ctx["args"]
     try:
         sampler, options = resolve_sampling_options(
-            run.config, sampler=args.sampler, steps=args.steps, eta=args.eta
-        )
+            run.config, sampler=args.sampler, steps=args.steps, eta=args.eta, order=args.order,
+            spacing=args.spacing,
+        )  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     devices = jax.local_devices()
@@ -255,7 +262,7 @@ def _samples(ctx: dict[str, Any], num: int) -> Any:
         with ctx["watchdog"].watch("sampling batch", f"batch {c + 1} of {chunks}"):
             x = run.sample(
                 jax.random.fold_in(key, c), per_call, sampler=sampler, steps=args.steps,
-                eta=args.eta,
+                eta=args.eta, order=args.order, spacing=args.spacing,
                 y=None if labels is None else labels[c * per_call : (c + 1) * per_call],
                 guidance_scale=guidance, devices=devices,
             )  # fmt: skip
@@ -265,7 +272,8 @@ def _samples(ctx: dict[str, Any], num: int) -> Any:
         "num_steps", len(options.get("timesteps", ())) or run.schedule.num_timesteps
     )
     ctx["sampling"] = dict(
-        sampler=sampler, steps=int(steps), eta=options.get("eta"),
+        sampler=sampler, steps=int(steps), eta=options.get("eta"), order=options.get("order"),
+        spacing=options.get("spacing"),
         clip_denoised=options["clip_denoised"], seed=args.seed, params="ema",
         guidance_scale=guidance, labels="classes cycled" if labels is not None else "none",
     )  # fmt: skip

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from diffjax import checkpointing, sampling
+from diffjax import checkpointing, choices, sampling
 from diffjax.models import create_model
 from diffjax.schedules import Schedule, make_schedule
 
@@ -33,14 +33,45 @@ __all__ = ["Run", "load_run", "resolve_sampling_options"]
 
 # Used where a config has no `sampling` section (or lacks a key of it).
 _SAMPLING_DEFAULTS = dict(
-    sampler="ddpm", num_steps=0, eta=0.0, clip_denoised=True, guidance_scale=0.0
+    sampler="ddpm",
+    num_steps=0,
+    eta=0.0,
+    clip_denoised=True,
+    guidance_scale=0.0,
+    order=2,
+    spacing="logsnr",
 )
+# DPM-Solver++'s steps where the config or a caller says 0 ("all T" for DDPM and DDIM).
+DPM_DEFAULT_STEPS = 20
 
 
 def _sampling_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     section = config.get("sampling", None)
     given = section.to_dict() if section is not None else {}
     return {k: given.get(k, v) for k, v in _SAMPLING_DEFAULTS.items()}
+
+
+def _ddpm_options(n: int, steps: int, given: dict[str, Any]) -> dict[str, Any]:
+    if steps and steps != n:
+        return {"timesteps": tuple(int(s) for s in sampling.space_timesteps(n, steps))}
+    return {}
+
+
+def _ddim_options(n: int, steps: int, given: dict[str, Any]) -> dict[str, Any]:
+    return {"num_steps": steps or n, "eta": float(given["eta"])}
+
+
+def _dpm_options(n: int, steps: int, given: dict[str, Any]) -> dict[str, Any]:
+    order, spacing = given["order"], given["spacing"]
+    if isinstance(order, bool) or order not in choices.DPM_ORDERS:
+        raise ValueError(f"order = {order!r}; allowed: one of {choices.DPM_ORDERS}")
+    if spacing not in choices.DPM_SPACINGS:
+        raise ValueError(f"spacing = {spacing!r}; allowed: {', '.join(choices.DPM_SPACINGS)}")
+    return {"num_steps": steps or min(DPM_DEFAULT_STEPS, n), "order": order, "spacing": spacing}
+
+
+# sampler -> (T, steps, settings) -> its own keyword options
+_SAMPLER_OPTIONS = {"ddpm": _ddpm_options, "ddim": _ddim_options, "dpm++": _dpm_options}
 
 
 def resolve_sampling_options(
@@ -50,31 +81,34 @@ def resolve_sampling_options(
     steps: int | None = None,
     eta: float | None = None,
     clip_denoised: bool | None = None,
+    order: int | None = None,
+    spacing: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The sampler and its keyword options, from the arguments or else ``config.sampling``.
 
     :param steps: sampling steps K in [1, T], or 0 for all T (DDPM: the respaced steps
-        ``space_timesteps(T, K)``; DDIM: ``num_steps``).
+        ``space_timesteps(T, K)``; DDIM: ``num_steps``; DPM-Solver++: ``num_steps``, and 0
+        means ``DPM_DEFAULT_STEPS``).
+    :param order: DPM-Solver++'s order (1, 2, 3); ``spacing``: its noise levels.
     :return: (sampler name, keyword options of ``sampling.SAMPLERS[sampler]``).
     """
-    defaults = _sampling_config(config)
-    sampler = defaults["sampler"] if sampler is None else sampler
+    given = _sampling_config(config)
+    passed = dict(sampler=sampler, num_steps=steps, eta=eta, clip_denoised=clip_denoised,
+                  order=order, spacing=spacing)  # fmt: skip
+    given.update({k: v for k, v in passed.items() if v is not None})
+    sampler = given["sampler"]
     if sampler not in sampling.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(sampling.SAMPLERS)}")
     n = int(config.diffusion.num_timesteps)
-    steps = defaults["num_steps"] if steps is None else steps
+    steps = given["num_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= n:
         raise ValueError(f"steps = {steps!r}; allowed: an integer in [1, T = {n}], or 0 for all T")
-    eta = defaults["eta"] if eta is None else eta
     options: dict[str, Any] = dict(
         mean_type=config.diffusion.mean_type,
         var_type=config.diffusion.var_type,
-        clip_denoised=bool(defaults["clip_denoised"] if clip_denoised is None else clip_denoised),
+        clip_denoised=bool(given["clip_denoised"]),
     )
-    if sampler == "ddim":
-        options.update(num_steps=steps or n, eta=float(eta))
-    elif steps and steps != n:
-        options.update(timesteps=tuple(int(s) for s in sampling.space_timesteps(n, steps)))
+    options.update(_SAMPLER_OPTIONS[sampler](n, steps, given))
     return sampler, options
 
 
@@ -149,6 +183,8 @@ class Run:
         y: Any = None,
         guidance_scale: float | None = None,
         clip_denoised: bool | None = None,
+        order: int | None = None,
+        spacing: str | None = None,
         devices: Sequence[jax.Device] | None = None,
         return_trajectory: bool = False,
         trajectory_stride: int = 1,
@@ -156,18 +192,26 @@ class Run:
         """Draw ``num`` samples float32 [num, H, W, C] in [-1, 1] with one jitted call.
 
         Arguments left None come from ``config.sampling``. ``sampler``: "ddpm" (ancestral, Ho et
-        al. 2020 Alg. 2) or "ddim" (Song et al. 2021 eq. 12); ``steps`` K in [1, T] or 0 for all
-        T; ``y`` class labels (int or [num]) of a conditional model, None for its null class;
-        ``guidance_scale`` w of classifier-free guidance (needs ``y``; default: the config's
-        when ``y`` is given, else 0). The batch is split across
-        ``devices`` (``num`` must be a multiple of their number); the default is all local
-        devices when ``num`` is a multiple of their number, else the first one.
+        al. 2020 Alg. 2), "ddim" (Song et al. 2021 eq. 12) or "dpm++" (DPM-Solver++, Lu et al.
+        2022b, with ``order`` and ``spacing``: :func:`diffjax.sampling.dpm_solver_sample`);
+        ``steps`` K in [1, T] or 0 for all T (DPM-Solver++: 20); ``y`` class labels (int or
+        [num]) of a conditional model, None for its null class; ``guidance_scale`` w of
+        classifier-free guidance (needs ``y``; default: the config's when ``y`` is given, else
+        0). The batch is split across ``devices`` (``num`` must be a multiple of their number);
+        the default is all local devices when ``num`` is a multiple of their number, else the
+        first one.
         With ``return_trajectory``, returns (samples, :class:`diffjax.sampling.Trajectory`).
         """
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ValueError(f"num = {num!r}; allowed: an integer >= 1")
         sampler, options = resolve_sampling_options(
-            self.config, sampler=sampler, steps=steps, eta=eta, clip_denoised=clip_denoised
+            self.config,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            clip_denoised=clip_denoised,
+            order=order,
+            spacing=spacing,
         )
         if guidance_scale is None:  # the config's scale, where there are labels to guide
             guided = self.num_classes and y is not None

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m diffjax.sample --workdir=RUN [--num=64] [--sampler=ddim] [--steps=50]
+    python -m diffjax.sample --workdir=RUN [--num=64] [--sampler=dpm++] [--steps=10] [--order=2]
+        [--spacing=logsnr]
         [--out=FILE.png] [--eta=0.0] [--seed=0] [--class_label=3] [--guidance_scale=1.0]
         [--step=STEP] [--batch_size=16] [--watchdog_factor=20] [--watchdog_min_seconds=120]
         [--watchdog_first_seconds=0]
@@ -37,14 +38,14 @@ from typing import Any, NoReturn
 
 from etils import epath
 
-from diffjax import cli, cpu_runtime
+from diffjax import choices, cli, cpu_runtime
 
 __all__ = ["main", "parse_args"]
 
 EXIT_USAGE = cli.EXIT_USAGE
 UsageError = cli.UsageError
 _PROG = "diffjax.sample"
-_SAMPLERS = ("ddpm", "ddim")  # diffjax.sampling.SAMPLERS; repeated to fail before importing jax
+_SAMPLERS = choices.SAMPLERS
 
 
 def _fail(message: str) -> NoReturn:
@@ -56,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
     p.add_argument("--num", type=int, default=None, help="number of samples")
     p.add_argument("--sampler", default=None, help=f"one of {', '.join(_SAMPLERS)}")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps, 0 = all T")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, 0 = all T (dpm++: 20)")
+    p.add_argument("--order", type=int, default=None, help="dpm++ order: 1, 2 or 3")
+    p.add_argument(
+        "--spacing", default=None, help=f"dpm++ noise levels: {', '.join(choices.DPM_SPACINGS)}"
+    )
     p.add_argument("--out", default=None, help="output PNG path (the .npz goes next to it)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -77,6 +82,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ("num", args.num, args.num is None or args.num >= 1, "an integer >= 1"),
         ("sampler", args.sampler, args.sampler in (None, *_SAMPLERS), ", ".join(_SAMPLERS)),
         ("steps", args.steps, args.steps is None or args.steps >= 0, "an integer >= 0"),
+        ("order", args.order, args.order in (None, *choices.DPM_ORDERS), "1, 2 or 3"),
+        (
+            "spacing",
+            args.spacing,
+            args.spacing in (None, *choices.DPM_SPACINGS),
+            ", ".join(choices.DPM_SPACINGS),
+        ),
         ("eta", args.eta, args.eta is None or args.eta >= 0, "a number >= 0"),
         (
             "guidance_scale",
@@ -137,7 +149,12 @@ def _run(args: argparse.Namespace) -> str:
     config = checkpointing.load_config(args.workdir)
     try:
         sampler, options = resolve_sampling_options(
-            config, sampler=args.sampler, steps=args.steps, eta=args.eta
+            config,
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            order=args.order,
+            spacing=args.spacing,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -172,6 +189,8 @@ def _run(args: argparse.Namespace) -> str:
                 sampler=sampler,
                 steps=args.steps,
                 eta=args.eta,
+                order=args.order,
+                spacing=args.spacing,
                 y=None if labels is None else labels[c * per_call : (c + 1) * per_call],
                 guidance_scale=args.guidance_scale,
                 devices=devices,

@@ -20,7 +20,7 @@ iteration, and the DDPM and DDIM samplers draw identical noise for identical ``r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from diffjax import diffusion
+from diffjax.dpm_solver import dpm_solver_sample
 from diffjax.respacing import check_int, respace_schedule, space_timesteps, spaced_schedule
+from diffjax.sampling_loop import Trajectory, check_options, check_shape, initial_noise, run_steps
 from diffjax.schedules import Schedule
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "ModelFn",
     "Trajectory",
     "ddim_sample",
+    "dpm_solver_sample",
     "make_model_fn",
     "respace_schedule",
     "sample",
@@ -48,14 +51,6 @@ Array = jax.Array
 ModelFn = Callable[..., Array]
 
 _AXIS = "batch"  # mesh axis over which sample_pmapped splits the batch
-
-
-class Trajectory(NamedTuple):
-    """Intermediate states of a sampling run, at the saved steps (see ``trajectory_stride``)."""
-
-    t: Array  # [S] int32, the original timestep of each saved step
-    x_t: Array  # [S, B, H, W, C], the state fed to the model at that step
-    pred_x0: Array  # [S, B, H, W, C], the (clipped) estimate of x_0 made from it
 
 
 # --- the model function -----------------------------------------------------------------------
@@ -136,72 +131,6 @@ def make_model_fn(
 # --- the scan over steps ----------------------------------------------------------------------
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(shape)
-    if len(shape) < 2 or not all(
-        isinstance(s, int | np.integer) and not isinstance(s, bool) and s >= 1 for s in shape
-    ):
-        raise ValueError(f"shape = {shape!r}; allowed: positive ints (B, H, W, C)")
-    return tuple(int(s) for s in shape)
-
-
-def _initial_noise(init_key: Array, shape: tuple[int, ...], x_T: Array | None) -> Array:
-    if x_T is None:
-        return jax.random.normal(init_key, shape, jnp.float32)  # [B, H, W, C]
-    x_T = jnp.asarray(x_T, jnp.float32)
-    if x_T.shape != shape:
-        raise ValueError(f"x_T has shape {x_T.shape}; allowed: the sample shape {shape}")
-    return x_T
-
-
-def _run_steps(
-    step: Callable[[Array, Array], tuple[Array, tuple[Array, Array]]],
-    x: Array,
-    indices: np.ndarray,
-    timestep_map: np.ndarray,
-    *,
-    return_trajectory: bool,
-    stride: int,
-) -> Array | tuple[Array, Trajectory]:
-    """Apply ``step`` at the descending step indices; optionally keep every ``stride``-th step.
-
-    The saved steps are those whose index i satisfies i % stride == 0, so the last step (i = 0)
-    is always kept; saving only them (a scan of scans) keeps the memory at S, not K, states.
-    """
-    if not return_trajectory:
-        x, _ = jax.lax.scan(lambda c, i: (step(c, i)[0], None), x, jnp.asarray(indices))
-        return x
-
-    def chunk(x: Array, chunk_indices: Array) -> tuple[Array, tuple[Array, Array]]:
-        # Carry the outputs of the latest step: the chunk's last step is the saved one.
-        zeros = (jnp.zeros_like(x), jnp.zeros_like(x))
-
-        def inner(carry, i):
-            x_new, saved = step(carry[0], i)
-            return (x_new, saved), None
-
-        (x, saved), _ = jax.lax.scan(inner, (x, zeros), chunk_indices)
-        return x, saved
-
-    head = (indices.size - 1) % stride + 1  # steps up to and including the first saved one
-    x, first = chunk(x, jnp.asarray(indices[:head]))
-    rest = indices[head:].reshape(-1, stride)  # [S - 1, stride]
-    if rest.size:
-        x, more = jax.lax.scan(chunk, x, jnp.asarray(rest))
-        saved = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, more)
-    else:
-        saved = jax.tree.map(lambda a: a[None], first)
-    kept = np.concatenate([indices[head - 1 : head], rest[:, -1]])  # [S]
-    t = jnp.asarray(timestep_map[kept], jnp.int32)
-    return x, Trajectory(t=t, x_t=saved[0], pred_x0=saved[1])
-
-
-def _check_options(mean_type: str, var_type: str, trajectory_stride: int) -> None:
-    diffusion.check_mean_type(mean_type)
-    diffusion.check_var_type(var_type)
-    check_int("trajectory_stride", trajectory_stride, 1)
-
-
 def sample(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -237,8 +166,8 @@ def sample(
     :param model_kwargs: extra keyword arguments of ``model_fn`` (e.g. ``{"y": labels}``).
     :return: samples float32 [B, H, W, C] (or (samples, trajectory)).
     """
-    _check_options(mean_type, var_type, trajectory_stride)
-    shape = _check_shape(shape)
+    check_options(mean_type, var_type, trajectory_stride)
+    shape = check_shape(shape)
     spaced, tmap = spaced_schedule(schedule, timesteps)
     kwargs = dict(model_kwargs or {})
     init_key, step_key = jax.random.split(rng)
@@ -254,9 +183,9 @@ def sample(
         std = jnp.where(i > 0, jnp.exp(0.5 * pmv.log_variance), 0.0)  # no noise at t = 0
         return pmv.mean + std * noise, (x, pmv.pred_x0)
 
-    x = _initial_noise(init_key, shape, x_T)
+    x = initial_noise(init_key, shape, x_T)
     indices = np.arange(tmap.size - 1, -1, -1, dtype=np.int32)  # K-1, ..., 0
-    return _run_steps(
+    return run_steps(
         step,
         x,
         indices,
@@ -312,8 +241,8 @@ def ddim_sample(
     :param eta: >= 0 (may be traced).
     :return: samples float32 [B, H, W, C] (or (samples, trajectory), as :func:`sample`).
     """
-    _check_options(mean_type, var_type, trajectory_stride)
-    shape = _check_shape(shape)
+    check_options(mean_type, var_type, trajectory_stride)
+    shape = check_shape(shape)
     if isinstance(eta, int | float) and not eta >= 0:
         raise ValueError(f"eta = {eta!r}; allowed: a number >= 0")
     n = schedule.num_timesteps
@@ -345,9 +274,9 @@ def ddim_sample(
         x_prev = jnp.sqrt(spaced.alphas_cumprod_prev[i]) * pred_x0 + direction * eps
         return x_prev + sigma * noise, (x, pred_x0)
 
-    x = _initial_noise(init_key, shape, x_T)
+    x = initial_noise(init_key, shape, x_T)
     indices = np.arange(k - 1, -1, -1, dtype=np.int32)
-    return _run_steps(
+    return run_steps(
         step,
         x,
         indices,
@@ -357,7 +286,11 @@ def ddim_sample(
     )
 
 
-SAMPLERS: dict[str, Callable[..., Any]] = {"ddpm": sample, "ddim": ddim_sample}
+SAMPLERS: dict[str, Callable[..., Any]] = {
+    "ddpm": sample,
+    "ddim": ddim_sample,
+    "dpm++": dpm_solver_sample,
+}
 
 
 # --- several devices --------------------------------------------------------------------------
@@ -389,7 +322,7 @@ def sample_pmapped(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     devices = tuple(jax.local_devices() if devices is None else devices)
     n = len(devices)
     if n == 0 or shape[0] % n:

@@ -73,6 +73,8 @@ def _valid_config() -> ml_collections.ConfigDict:
         eta=0.0,
         clip_denoised=True,
         guidance_scale=0.0,
+        order=2,
+        spacing="logsnr",
     )
     return c
 
@@ -141,7 +143,9 @@ SINGLE_PROBLEMS = [
     ("training.watchdog_min_seconds", 0.0, ["> 0"]),
     ("training.watchdog_first_seconds", -1.0, ["not watched", "> 0"]),
     ("training.num_train_steps", True, ["integer"]),
-    ("sampling.sampler", "euler", ["ddpm", "ddim"]),
+    ("sampling.sampler", "euler", ["ddpm", "ddim", "dpm++"]),
+    ("sampling.order", 4, ["1, 2, 3"]),
+    ("sampling.spacing", "cosine", ["logsnr", "karras"]),
     ("sampling.num_steps", 101, ["<= diffusion.num_timesteps = 100"]),
     ("sampling.num_steps", -1, [">= 0"]),
     ("sampling.guidance_scale", 2.0, ["conditional model"]),

@@ -67,6 +67,8 @@ SCHEMA = {
         "eta",
         "clip_denoised",
         "guidance_scale",
+        "order",
+        "spacing",
     },
 }
 

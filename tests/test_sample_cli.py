@@ -131,6 +131,15 @@ def test_load_run_and_sample(tiny_run):
         load_run(workdir, step=8)
     with pytest.raises(ValueError, match="steps = 21"):
         run.sample(jax.random.key(0), 4, steps=21)
+    # DPM-Solver++ through the same call: the library sampler on the run's model.
+    x = run.sample(jax.random.key(0), 4, sampler="dpm++", steps=3, y=1, guidance_scale=2.0)
+    ref = sample_pmapped(
+        run.model_fn(y=1, guidance_scale=2.0), run.schedule, jax.random.key(0), (4, 8, 8, 1),
+        sampler="dpm++", num_steps=3, order=2, spacing="logsnr",
+    )  # fmt: skip
+    np.testing.assert_allclose(x, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="spacing = 'cosine'"):
+        run.sample(jax.random.key(0), 4, sampler="dpm++", spacing="cosine")
 
 
 def _cli(*args):
@@ -175,7 +184,9 @@ def test_cli_errors_in_one_line_for_missing_or_empty_workdir(tmp_path):
 @pytest.mark.parametrize(
     "flags,match",
     [
-        (["--sampler=euler"], "--sampler=euler: allowed: ddpm, ddim"),
+        (["--sampler=euler"], "--sampler=euler: allowed: ddpm, ddim, dpm++"),
+        (["--order=4"], "--order=4: allowed: 1, 2 or 3"),
+        (["--spacing=cosine"], "--spacing=cosine: allowed: logsnr, time, karras, uniform"),
         (["--num=0"], "--num=0: allowed: an integer >= 1"),
         (["--num=-3"], "--num=-3"),
         (["--steps=-1"], "--steps=-1"),
