@@ -1,10 +1,11 @@
-"""Sampling speed: per-step cost of the ``lax.scan`` samplers vs one network call, DDIM vs DDPM.
+"""Sampling speed: per-step cost of the ``lax.scan`` samplers vs one network call, images/s.
 
 Measures, for one workload and batch (random parameters; speed does not depend on them):
   * one jitted network forward (the unit of work of a sampling step),
   * ancestral DDPM sampling (Ho et al. 2020 Alg. 2) over ``--ddpm-steps`` steps (default all
-    1000) and DDIM (Song et al. 2021 eq. 12, eta = 0) over ``--ddim-steps`` steps, each compiled
-    once as a whole ``lax.scan`` program,
+    1000), DDIM (Song et al. 2021 eq. 12, eta = 0) over ``--ddim-steps`` steps and
+    DPM-Solver++ (Lu et al. 2022b, ``--dpm-order``, logSNR levels) over each of ``--dpm-steps``,
+    each compiled once as a whole ``lax.scan`` program, with images/s,
   * the scan overhead per step: (sampler time / steps) / forward time - 1 (this includes the
     sampler's own elementwise work: posterior mean, noise),
   * the DDPM / DDIM wall-time ratio.
@@ -26,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 from common import WORKLOADS, environment, make_model, median_seconds  # noqa: E402
 
 from diffjax.models import init_params  # noqa: E402
-from diffjax.sampling import ddim_sample, make_model_fn, sample  # noqa: E402
+from diffjax.sampling import ddim_sample, dpm_solver_sample, make_model_fn, sample  # noqa: E402
 from diffjax.schedules import make_schedule  # noqa: E402
 
 
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--ddpm-steps", type=int, default=1000)
     p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--dpm-steps", default="10,20", help="comma-separated DPM-Solver++ steps")
+    p.add_argument("--dpm-order", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
 
@@ -59,12 +62,17 @@ def main() -> None:
         ddpm_ts = space_timesteps(1000, args.ddpm_steps)
     ddpm = jax.jit(lambda r: sample(model_fn, schedule, r, shape, timesteps=ddpm_ts))
     ddim = jax.jit(lambda r: ddim_sample(model_fn, schedule, r, shape, num_steps=args.ddim_steps))
+    runs = [("ddpm", ddpm, args.ddpm_steps), ("ddim", ddim, args.ddim_steps)]
+    for k in (int(v) for v in args.dpm_steps.split(",") if v):
+        dpm = jax.jit(
+            lambda r, k=k: dpm_solver_sample(
+                model_fn, schedule, r, shape, num_steps=k, order=args.dpm_order
+            )
+        )
+        runs.append((f"dpm++{k}", dpm, k))
     rng = jax.random.key(2)
     results = {}
-    for name, fn, steps in (
-        ("ddpm", ddpm, args.ddpm_steps),
-        ("ddim", ddim, args.ddim_steps),
-    ):
+    for name, fn, steps in runs:
         t0 = time.perf_counter()
         compiled = fn.lower(rng).compile()
         compile_s = time.perf_counter() - t0
@@ -72,9 +80,9 @@ def main() -> None:
         results[name] = med
         overhead = med / steps / fwd_s - 1.0
         print(
-            f"{name}: {steps} steps, median {med:.3f} s ({med / steps * 1e3:.2f} ms/step), "
-            f"compile {compile_s:.1f} s, scan overhead {100 * overhead:+.1f}% of a forward, "
-            f"runs {[round(v, 3) for v in times]}"
+            f"{name}: {steps} steps, median {med:.3f} s ({med / steps * 1e3:.2f} ms/step, "
+            f"{args.batch / med:.1f} images/s), compile {compile_s:.1f} s, scan overhead "
+            f"{100 * overhead:+.1f}% of a forward, runs {[round(v, 3) for v in times]}"
         )
     print(
         f"workload {args.workload}, batch {args.batch}, dtype {args.dtype}: "

@@ -33,8 +33,10 @@ CASES = {
         r"digits +4 float32 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +\d+ +\d+",
     ),
     "sampling": (
-        ["sampling.py", "--workload=digits", "--batch=2", "--ddpm-steps=10", "--ddim-steps=5"],
-        r"ddim: 5 steps, median [\d.]+ s .* scan overhead [+-]?[\d.]+% of a forward(.|\n)*"
+        "sampling.py --workload=digits --batch=2 --ddpm-steps=10 --ddim-steps=5 "
+        "--dpm-steps=3".split(),
+        r"ddim: 5 steps, median [\d.]+ s .* images/s\), .* scan overhead [+-]?[\d.]+% of a "
+        r"forward(.|\n)*dpm\+\+3: 3 steps, median [\d.]+ s(.|\n)*"
         r"DDPM-10 / DDIM-5 wall ratio [\d.]+x",
     ),
     "recipe": (
