@@ -39,6 +39,10 @@ CASES = {
         r"forward(.|\n)*dpm\+\+3: 3 steps, median [\d.]+ s(.|\n)*"
         r"DDPM-10 / DDIM-5 wall ratio [\d.]+x",
     ),
+    "sampler_quality": (
+        "sampler_quality.py --workdir={run} --num=4 --seeds=0 --rows=ddim:2,dpm++:2".split(),
+        r"\| dpm\+\+ \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+    ),
     "recipe": (
         "recipe.py --config=digits --batch=4 --steps=2 --runs=1 --warmup=1 --samples=2 "
         "--sample-steps=10 --dtypes=float32 --profile={tmp} --profile-steps=2".split(),
@@ -60,11 +64,28 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """An inference-only run of a tiny random digits U-Net (T = 20), for sampler_quality.py."""
+    import jax
+    from _train_helpers import tiny_config
+
+    from diffjax import checkpointing
+    from diffjax.models import create_model, init_params
+
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(**{"data.data_dir": str(tmp_path_factory.mktemp("tfds"))})
+    params = init_params(create_model(config), jax.random.key(0), 8, 1)
+    checkpointing.save_inference_run(str(workdir), config, params, params, 3)
+    return workdir
+
+
 @pytest.mark.slow  # subprocesses that compile a U-Net and build its torch twin
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_benchmark_runs_and_reports(name, tmp_path):
+def test_benchmark_runs_and_reports(name, tmp_path, request):
     args, pattern = CASES[name]
-    res = _bench(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    run = request.getfixturevalue("digits_run") if name == "sampler_quality" else ""
+    res = _bench(*(a.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) for a in args))
     assert res.returncode == 0, res.stderr[-3000:]
     assert re.search(pattern, res.stdout), res.stdout[-3000:]
 
