@@ -49,18 +49,18 @@ STALL_TRAINING = textwrap.dedent(
 )
 
 
+def _run_with_stall(template: str, workdir) -> subprocess.CompletedProcess:
+    code = template.format(tests=str(REPO / "tests"), workdir=str(workdir))
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
 @pytest.mark.slow  # two train.py-sized runs
 def test_stalled_train_step_exits_124_and_the_run_resumes(tmp_path):
     workdir = tmp_path / "run"
-    code = STALL_TRAINING.format(tests=str(REPO / "tests"), workdir=str(workdir))
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _run_with_stall(STALL_TRAINING, workdir)
     assert out.returncode == EXIT_CODE, out.stdout[-2000:] + out.stderr[-4000:]
     assert "watchdog: train step (step 6, waiting for the device) has not returned" in out.stderr
     assert "in stalled_device_step" in out.stderr  # faulthandler's stack of the main thread
@@ -103,15 +103,7 @@ STALL_SAMPLING = textwrap.dedent(
 
 @pytest.mark.slow  # compiles a sampler
 def test_stalled_sampling_batch_exits_124(tmp_path):
-    code = STALL_SAMPLING.format(tests=str(REPO / "tests"), workdir=str(tmp_path / "run"))
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _run_with_stall(STALL_SAMPLING, tmp_path / "run")
     assert out.returncode == EXIT_CODE, out.stdout[-2000:] + out.stderr[-4000:]
     assert "watchdog: sampling batch (batch 4 of 6, 2 samples) has not returned" in out.stderr
     assert "in stalled_sampling_call" in out.stderr
