@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from etils import epath
+
+if TYPE_CHECKING:
+    from diffjax.watchdog import WatchdogSettings
 
 EXIT_USAGE = 2
 
@@ -52,7 +55,7 @@ def add_watchdog_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--watchdog_{name}", type=float, default=default, help=text)
 
 
-def watchdog_settings(args: argparse.Namespace):
+def watchdog_settings(args: argparse.Namespace) -> WatchdogSettings:
     """The ``WatchdogSettings`` of the flags; raises UsageError naming a bad value."""
     from diffjax.watchdog import FIELD_RULES, WatchdogSettings
 

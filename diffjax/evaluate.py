@@ -489,9 +489,10 @@ def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) 
         args = parse_args(argv)
         _check_files(args)
         if configure_runtime:
-            cpu_runtime.configure(cli.run_compute_dtype(args.workdir))
+            dtype = cli.run_compute_dtype(args.workdir)
+            cpu_runtime.configure(dtype)
             cpu_runtime.enable_compilation_cache()
-            cli.print_kernels(cli.run_compute_dtype(args.workdir))
+            cli.print_kernels(dtype)
         message = _run(args)
     except UsageError as e:
         _fail(str(e))
