@@ -6,7 +6,7 @@ r"""Train a DDPM. With no flags: the offline digits config, into ./workdirs/digi
 
 Any config field can be overridden with ``--config.SECTION.FIELD=VALUE``. Starting again in a
 workdir that has a checkpoint resumes from it. On a multi-host TPU pod run the same command on
-every worker (see ``diffjax.training.initialize_distributed`` for the environment it reads).
+every worker (see ``diffjax.training.loop.initialize_distributed`` for the environment it reads).
 """
 
 import pathlib
@@ -15,9 +15,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffjax import cpu_runtime, training
-from diffjax.config_validation import exit_on_config_error, exit_on_unknown_overrides
-from diffjax.input_pipeline import DatasetNotPreparedError
+from diffjax.config.validation import exit_on_config_error, exit_on_unknown_overrides
+from diffjax.data.pipeline import DatasetNotPreparedError
+from diffjax.kernels import cpu_runtime
+from diffjax.training import loop as training
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "digits.py"
 # A locked config rejects unknown override keys with a traceback from inside flag parsing: name
@@ -48,7 +49,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    # Before any JAX computation: XLA:CPU's settings for speed (diffjax/cpu_runtime.py), then
+    # Before any JAX computation: XLA:CPU's settings for speed (diffjax/kernels/cpu_runtime.py),
+    # then
     # this process joins the other processes of a multi-host run.
     cpu_runtime.configure(_CONFIG.value.model.dtype)
     cpu_runtime.enable_compilation_cache()

@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffjax import cpu_runtime
-from diffjax.models import onednn, winograd
+from diffjax.kernels import cpu_runtime, onednn, winograd
 from diffjax.models.unet import UNet
 
-# Before any JAX computation, as train.py does (diffjax/cpu_runtime.py). The YNNPACK fusion types
-# are chosen per program (``compiler_options`` in make_train_step), since a benchmark may time
-# both dtypes; DIFFJAX_REUSE_FREED_MEMORY=0 measures without malloc reuse (for JAX and torch
-# alike) and DIFFJAX_YNN_FUSIONS=0 with XLA's default fusions.
+# Before any JAX computation, as train.py does (diffjax/kernels/cpu_runtime.py). The YNNPACK
+# fusion types are chosen per program (``compiler_options`` in make_train_step), since a
+# benchmark may time both dtypes; DIFFJAX_REUSE_FREED_MEMORY=0 measures without malloc reuse
+# (for JAX and torch alike) and DIFFJAX_YNN_FUSIONS=0 with XLA's default fusions.
 REUSE_FREED_MEMORY = cpu_runtime.configure_memory()
 YNN_FUSIONS = cpu_runtime.env_enabled(cpu_runtime.FUSIONS_ENV)
 

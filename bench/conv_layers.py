@@ -34,7 +34,7 @@ from common import (  # noqa: E402
     median_seconds,
 )
 
-from diffjax import cpu_runtime  # noqa: E402
+from diffjax.kernels import cpu_runtime  # noqa: E402
 from diffjax.models import init_params, layers  # noqa: E402
 
 

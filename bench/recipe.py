@@ -44,12 +44,12 @@ from common import environment, make_inputs, median_seconds, model_flops, peak_r
 from flax import jax_utils  # noqa: E402
 from trace_summary import summarize  # noqa: E402
 
-from diffjax.config_validation import load_config_file  # noqa: E402
+from diffjax.config.validation import load_config_file  # noqa: E402
+from diffjax.core.sampling import make_model_fn, sample, space_timesteps  # noqa: E402
+from diffjax.core.schedules import make_schedule  # noqa: E402
 from diffjax.models import create_model  # noqa: E402
-from diffjax.sampling import make_model_fn, sample, space_timesteps  # noqa: E402
-from diffjax.schedules import make_schedule  # noqa: E402
-from diffjax.train_state import create_train_state  # noqa: E402
-from diffjax.train_step import AXIS_NAME, make_p_train_step, per_device_batch_size  # noqa: E402
+from diffjax.training.state import create_train_state  # noqa: E402
+from diffjax.training.step import AXIS_NAME, make_p_train_step, per_device_batch_size  # noqa: E402
 
 
 def load_config(name: str):

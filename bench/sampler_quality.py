@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from common import environment  # noqa: E402
 
-from diffjax import images, input_pipeline  # noqa: E402
+from diffjax.data import images
+from diffjax.data import pipeline as input_pipeline  # noqa: E402
 from diffjax.evaluation import digits_classifier as dc  # noqa: E402
 from diffjax.evaluation import fid  # noqa: E402
 from diffjax.run import load_run, resolve_sampling_options, sample_with_params  # noqa: E402

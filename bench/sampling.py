@@ -26,9 +26,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from common import WORKLOADS, environment, make_model, median_seconds  # noqa: E402
 
+from diffjax.core.sampling import ddim_sample, dpm_solver_sample, make_model_fn, sample  # noqa: E402
+from diffjax.core.schedules import make_schedule  # noqa: E402
 from diffjax.models import init_params  # noqa: E402
-from diffjax.sampling import ddim_sample, dpm_solver_sample, make_model_fn, sample  # noqa: E402
-from diffjax.schedules import make_schedule  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
 
     ddpm_ts = None
     if args.ddpm_steps != 1000:
-        from diffjax.sampling import space_timesteps
+        from diffjax.core.sampling import space_timesteps
 
         ddpm_ts = space_timesteps(1000, args.ddpm_steps)
     ddpm = jax.jit(lambda r: sample(model_fn, schedule, r, shape, timesteps=ddpm_ts))

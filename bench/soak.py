@@ -172,7 +172,7 @@ def run_cell(cell: Cell) -> str:
     if cell.op == "selftest_crash":
         os.abort()
 
-    from diffjax import cpu_runtime
+    from diffjax.kernels import cpu_runtime
 
     cpu_runtime.configure(cell.dtype)  # as the entry points do
 
@@ -181,9 +181,12 @@ def run_cell(cell: Cell) -> str:
     import numpy as np
     from flax import jax_utils
 
-    from diffjax import sampling, train_state, train_step
-    from diffjax.models import create_model, onednn
-    from diffjax.schedules import make_schedule
+    from diffjax.core import sampling
+    from diffjax.core.schedules import make_schedule
+    from diffjax.kernels import onednn
+    from diffjax.models import create_model
+    from diffjax.training import state as train_state
+    from diffjax.training import step as train_step
 
     config = _config(cell.workload, cell.dtype)
     model = create_model(config)
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cells = draw(args.runs, args.seed)
     sys.path.insert(0, str(ROOT))
-    from diffjax import cpu_runtime
+    from diffjax.kernels import cpu_runtime
 
     print(f"soak: {len(cells)} runs on {cpu_runtime.describe_cpu()}", flush=True)
     print(f"  ISA held to: {args.isa or 'no'}; oneDNN: {args.onednn}; idle {args.idle:.0f} s")

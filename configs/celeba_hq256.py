@@ -1,7 +1,7 @@
 r"""CelebA-HQ 256x256, the DDPM paper recipe (Ho et al. 2020, appendix B).
 
 Prepare the data once (TFDS needs the progressive-GAN CelebA-HQ files in a manual dir, and
-TensorFlow; see diffjax.input_pipeline), then train on a TPU pod slice::
+TensorFlow; see diffjax.data.pipeline), then train on a TPU pod slice::
 
     tfds build celeb_a_hq/256 --file_format=array_record --data_dir=gs://BUCKET/tfds \
         --manual_dir=MANUAL_DIR
@@ -20,11 +20,11 @@ CelebA-HQ FID). The paper trained at 2.2 steps/s on a TPU v3-8 (about 63 hours f
 
 import ml_collections
 
-from diffjax.default_config import get_base_config
+from diffjax.config.defaults import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The CelebA-HQ 256 config: overrides of diffjax.default_config."""
+    """The CelebA-HQ 256 config: overrides of diffjax.config.defaults."""
     config = get_base_config()
     config.data.eval_split = "train"  # CelebA-HQ has a single split
     config.data.image_size = 256

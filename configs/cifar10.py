@@ -1,6 +1,6 @@
 r"""CIFAR-10 32x32, the DDPM paper recipe (Ho et al. 2020, Sec. 4 and appendix B).
 
-Prepare the data once (needs TensorFlow and network, see diffjax.input_pipeline), then train::
+Prepare the data once (needs TensorFlow and network, see diffjax.data.pipeline), then train::
 
     tfds build cifar10 --file_format=array_record --data_dir=gs://BUCKET/tfds
     python train.py --config=configs/cifar10.py --workdir=gs://BUCKET/workdirs/cifar10 \
@@ -18,11 +18,11 @@ parameters at 800k steps. The paper trained at 21 steps/s on a TPU v3-8 (10.6 ho
 
 import ml_collections
 
-from diffjax.default_config import get_base_config
+from diffjax.config.defaults import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The CIFAR-10 config: overrides of diffjax.default_config."""
+    """The CIFAR-10 config: overrides of diffjax.config.defaults."""
     config = get_base_config()
     config.data.num_classes = 10
     return config

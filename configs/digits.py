@@ -22,11 +22,11 @@ groups); the diffusion itself is the paper's (T = 1000, linear betas, eps predic
 
 import ml_collections
 
-from diffjax.default_config import get_base_config
+from diffjax.config.defaults import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The digits config: overrides of diffjax.default_config."""
+    """The digits config: overrides of diffjax.config.defaults."""
     config = get_base_config()
     config.data.channels = 1
     config.data.image_size = 8

@@ -1,7 +1,7 @@
 r"""LSUN Church (outdoor) 256x256, the DDPM paper recipe (Ho et al. 2020, appendix B).
 
 Prepare the data once (TFDS reads the LSUN LMDB files through tensorflow-io and needs
-TensorFlow and network; see diffjax.input_pipeline), then train on a TPU pod slice::
+TensorFlow and network; see diffjax.data.pipeline), then train on a TPU pod slice::
 
     tfds build lsun/church_outdoor --file_format=array_record --data_dir=gs://BUCKET/tfds
     python train.py --config=configs/lsun_church256.py --workdir=gs://BUCKET/workdirs/church256 \
@@ -20,11 +20,11 @@ steps. The paper trained at 2.2 steps/s on a TPU v3-8 (about 6 days for 1.2M ste
 
 import ml_collections
 
-from diffjax.default_config import get_base_config
+from diffjax.config.defaults import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The LSUN Church 256 config: overrides of diffjax.default_config."""
+    """The LSUN Church 256 config: overrides of diffjax.config.defaults."""
     config = get_base_config()
     config.data.eval_split = "validation"  # LSUN has no test split
     config.data.image_size = 256

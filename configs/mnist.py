@@ -1,6 +1,6 @@
 r"""MNIST 28x28: a mid-sized DDPM for a single GPU or a small TPU slice.
 
-Prepare the data once (needs TensorFlow and network, see diffjax.input_pipeline), then train::
+Prepare the data once (needs TensorFlow and network, see diffjax.data.pipeline), then train::
 
     tfds build mnist --file_format=array_record --data_dir=~/tensorflow_datasets
     python train.py --config=configs/mnist.py --workdir=workdirs/mnist
@@ -19,11 +19,11 @@ at 50k; a few hours on one modern GPU, much longer on a laptop CPU.
 
 import ml_collections
 
-from diffjax.default_config import get_base_config
+from diffjax.config.defaults import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The MNIST config: overrides of diffjax.default_config."""
+    """The MNIST config: overrides of diffjax.config.defaults."""
     config = get_base_config()
     config.data.channels = 1
     config.data.image_size = 28

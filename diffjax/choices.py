@@ -8,9 +8,9 @@ from __future__ import annotations
 
 __all__ = ["DPM_ORDERS", "DPM_SPACINGS", "SAMPLERS"]
 
-# diffjax.sampling.SAMPLERS: ancestral (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++
+# diffjax.core.sampling.SAMPLERS: ancestral (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++
 # (Lu et al. 2022b).
 SAMPLERS = ("ddpm", "ddim", "dpm++")
-# diffjax.dpm_solver.SPACINGS and the orders of its multistep solver.
+# diffjax.core.dpm_solver.SPACINGS and the orders of its multistep solver.
 DPM_SPACINGS = ("logsnr", "time", "karras", "uniform")
 DPM_ORDERS = (1, 2, 3)

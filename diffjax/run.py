@@ -3,14 +3,14 @@
 Example (a notebook)::
 
     import jax, diffjax
-    from diffjax.images import save_image_grid
+    from diffjax.data.images import save_image_grid
 
     run = diffjax.load_run("workdirs/cifar10")              # latest checkpoint, EMA parameters
     x = run.sample(jax.random.key(0), 16, sampler="ddim", steps=50)  # [16, H, W, C] in [-1, 1]
     save_image_grid(x, "samples.png")
 
 ``Run.sample`` is one jitted program (compiled once per shape and options) that splits the batch
-across the local devices (:func:`diffjax.sampling.sample_pmapped`).
+across the local devices (:func:`diffjax.core.sampling.sample_pmapped`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from diffjax import checkpointing, choices, sampling
+from diffjax import choices
+from diffjax.core import sampling
+from diffjax.core.schedules import Schedule, make_schedule
 from diffjax.models import create_model
-from diffjax.schedules import Schedule, make_schedule
+from diffjax.training import checkpointing
 
 __all__ = ["Run", "load_run", "resolve_sampling_options"]
 
@@ -169,7 +171,7 @@ class Run:
         return int(getattr(self.model, "num_classes", 0) or 0)
 
     def model_fn(self, y: Any = None, guidance_scale: float = 0.0) -> sampling.ModelFn:
-        """``model_fn(x_t, t)`` of the EMA model (see :func:`diffjax.sampling.make_model_fn`)."""
+        """``model_fn(x_t, t)`` of the EMA model (:func:`diffjax.core.sampling.make_model_fn`)."""
         return sampling.make_model_fn(self.model, self.params, y=y, guidance_scale=guidance_scale)
 
     def sample(
@@ -193,14 +195,14 @@ class Run:
 
         Arguments left None come from ``config.sampling``. ``sampler``: "ddpm" (ancestral, Ho et
         al. 2020 Alg. 2), "ddim" (Song et al. 2021 eq. 12) or "dpm++" (DPM-Solver++, Lu et al.
-        2022b, with ``order`` and ``spacing``: :func:`diffjax.sampling.dpm_solver_sample`);
+        2022b, with ``order`` and ``spacing``: :func:`diffjax.core.sampling.dpm_solver_sample`);
         ``steps`` K in [1, T] or 0 for all T (DPM-Solver++: 20); ``y`` class labels (int or
         [num]) of a conditional model, None for its null class; ``guidance_scale`` w of
         classifier-free guidance (needs ``y``; default: the config's when ``y`` is given, else
         0). The batch is split across ``devices`` (``num`` must be a multiple of their number);
         the default is all local devices when ``num`` is a multiple of their number, else the
         first one.
-        With ``return_trajectory``, returns (samples, :class:`diffjax.sampling.Trajectory`).
+        With ``return_trajectory``, returns (samples, :class:`diffjax.core.sampling.Trajectory`).
         """
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ValueError(f"num = {num!r}; allowed: an integer >= 1")

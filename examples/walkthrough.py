@@ -9,7 +9,7 @@ r"""A tour of diffjax on 8x8 handwritten digits: train, look inside, sample two 
 What it does, step by step (the text of docs/how-it-works.md explains the maths):
 
 1. trains the default config (``configs/digits.py``: T = 1000, linear betas, eps prediction,
-   L_simple) with ``diffjax.training.train_and_evaluate``; a workdir that already holds the
+   L_simple) with ``diffjax.training.loop.train_and_evaluate``; a workdir that already holds the
    final checkpoint is reused, a partial one resumed;
 2. draws every figure of the run with ``diffjax.viz.write_run_figures`` into
    ``WORKDIR/figures``: the forward process, a reverse trajectory, the schedules, the training
@@ -34,8 +34,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffjax import images, training, viz
+from diffjax import viz
+from diffjax.data import images
 from diffjax.run import load_run
+from diffjax.training import loop as training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_ENV = "DIFFJAX_WALKTHROUGH_TINY"

@@ -7,9 +7,10 @@ Started by tests/test_multihost.py as::
 and writes OUT_DIR/result_<PROCESS_ID>.json. Modes:
 
 * ``collectives``: a pmean across both processes, then two stop-agreement loops with
-  diffjax.preemption.StopGuard: SIGINT to process 1 only (Python flag, all-gather agreement),
+  diffjax.training.preemption.StopGuard: SIGINT to process 1 only (Python flag, all-gather
+  agreement),
   then SIGTERM to process 1 only (JAX's preemption sync service).
-* ``train``: ``diffjax.training.train_and_evaluate`` on the tiny digits config into the shared
+* ``train``: ``diffjax.training.loop.train_and_evaluate`` on the tiny digits config into the shared
   workdir OUT_DIR/run, recording the examples each step consumed and digests of the final state;
   then a resumed run of many steps that only process 1 receives a SIGTERM in.
 """
@@ -42,7 +43,7 @@ def _init(port: int, process_id: int) -> None:
 
 def _stop_loop(process_id: int, sig: signal.Signals, signal_at: int, max_steps: int) -> dict:
     """Run pmapped steps until StopGuard says stop; process 1 signals itself at ``signal_at``."""
-    from diffjax.preemption import StopGuard
+    from diffjax.training.preemption import StopGuard
 
     step_fn = jax.pmap(lambda x: jax.lax.pmean(x + 1.0, "d"), axis_name="d")
     x = np.zeros(jax.local_device_count(), np.float32)
@@ -85,7 +86,8 @@ def train(process_id: int, out_dir: str) -> dict:
     """4 steps from scratch, then a resumed run that process 1 alone SIGTERMs at step 6."""
     from _train_helpers import example_digests, tiny_config, tree_digest
 
-    from diffjax import input_pipeline, training
+    from diffjax.data import pipeline as input_pipeline
+    from diffjax.training import loop as training
 
     consumed: dict[int, list[str]] = {}
     real = input_pipeline.create_train_iterator

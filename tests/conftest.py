@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # that want a cache set JAX_COMPILATION_CACHE_DIR, which JAX reads itself).
 os.environ.setdefault("DIFFJAX_COMPILATION_CACHE", "0")
 
-from diffjax import cpu_runtime  # noqa: E402  (imports no jax)
+from diffjax.kernels import cpu_runtime  # noqa: E402  (imports no jax)
 
 cpu_runtime.configure("float32")
 

@@ -70,8 +70,8 @@ def digits_run(tmp_path_factory):
     import jax
     from _train_helpers import tiny_config
 
-    from diffjax import checkpointing
     from diffjax.models import create_model, init_params
+    from diffjax.training import checkpointing
 
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config(**{"data.data_dir": str(tmp_path_factory.mktemp("tfds"))})

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
+from diffjax.core.schedules import Schedule
 from diffjax.evaluation import bpd
-from diffjax.schedules import Schedule
 
 # A short schedule whose abar_T ~ 0.77 is far from 0, so that the prior term L_T is large
 # enough to check (with a standard schedule it is ~1e-5 bits/dim).

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import diffjax
-from diffjax import checkpointing
 from diffjax.models import create_model
-from diffjax.train_state import create_optimizer
+from diffjax.training import checkpointing
+from diffjax.training.state import create_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 

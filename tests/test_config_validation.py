@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffjax import config_validation
-from diffjax.config_validation import ConfigError, config_problems, validate_config
+from diffjax.config import validation as config_validation
+from diffjax.config.validation import ConfigError, config_problems, validate_config
 
 
 def _valid_config() -> ml_collections.ConfigDict:
@@ -262,7 +262,7 @@ def test_cli_output_has_no_traceback():
     # What a command line shows: the lines on stderr, status 2, no Python traceback.
     script = textwrap.dedent(
         """
-        from diffjax.config_validation import exit_on_config_error, ConfigError
+        from diffjax.config.validation import exit_on_config_error, ConfigError
         with exit_on_config_error():
             raise ConfigError(["training.batch_size = 7: must be divisible by 2"])
         """

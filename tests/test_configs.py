@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffjax.config_validation import validate_config
+from diffjax.config.validation import validate_config
 from diffjax.models import create_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,9 @@ import safetensors.numpy
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffjax import convert, schedules  # noqa: E402
-from diffjax.config_validation import validate_config  # noqa: E402
+from diffjax.config.validation import validate_config  # noqa: E402
+from diffjax.convert import weights as convert  # noqa: E402
+from diffjax.core import schedules  # noqa: E402
 from diffjax.models import create_model  # noqa: E402
 from diffjax.run import load_run  # noqa: E402
 

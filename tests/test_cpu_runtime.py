@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import cpu_runtime
+from diffjax.kernels import cpu_runtime
 from diffjax.models.unet import UNet
 
 # A program with ~512 MB of temporaries per call (YNNPACK materialises the [8192, 8192] product
@@ -21,7 +21,7 @@ from diffjax.models.unet import UNet
 _FAULTS_PER_CALL = textwrap.dedent(
     """
     import resource, sys
-    from diffjax import cpu_runtime
+    from diffjax.kernels import cpu_runtime
     if sys.argv[1] == "reuse":
         assert cpu_runtime.reuse_freed_memory()
     import jax, jax.numpy as jnp
@@ -184,7 +184,7 @@ def test_entry_point_cache_stores_a_default_path_program(tmp_path):
     code = textwrap.dedent(
         """
         import jax, jax.numpy as jnp
-        from diffjax import cpu_runtime
+        from diffjax.kernels import cpu_runtime
         from diffjax.models.unet import UNet
         print(cpu_runtime.enable_compilation_cache())
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffjax import diffusion as D
-from diffjax.schedules import get_betas, make_schedule
+from diffjax.core import diffusion as D
+from diffjax.core.schedules import get_betas, make_schedule
 
 U = 2.0**-24
 TOL32 = 8 * U
@@ -146,7 +146,7 @@ def test_q_is_the_composition_of_one_step_kernels(name):
 @SETTINGS
 @given(betas=st.lists(st.floats(1e-4, 0.999), min_size=8, max_size=8), seed=seeds)
 def test_q_composition_for_any_betas(betas, seed):
-    from diffjax.schedules import Schedule
+    from diffjax.core.schedules import Schedule
 
     s = Schedule.from_betas(betas)
     x0, x0_64 = draw(seed, (8, 5))

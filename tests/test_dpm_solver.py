@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import choices, dpm_solver, sampling
-from diffjax.schedules import make_schedule
+from diffjax import choices
+from diffjax.core import dpm_solver, sampling
+from diffjax.core.schedules import make_schedule
 
 MU, SD = 0.3, 0.5
 SCHEDULE = make_schedule("linear", 1000)

@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffjax.datasets.digits import NUM_TRAIN, digits_uint8
-from diffjax.evaluate import main
+from diffjax.cli.evaluate import main
+from diffjax.data.digits import NUM_TRAIN, digits_uint8
 from diffjax.evaluation import digits_classifier as dc
 from diffjax.evaluation import fid
 
@@ -40,8 +40,8 @@ def _tiny_config(data_dir: str) -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """An inference-only run of a tiny random class-conditional U-Net, saved at step 5."""
-    from diffjax import checkpointing
     from diffjax.models import create_model, init_params
+    from diffjax.training import checkpointing
 
     workdir = tmp_path_factory.mktemp("run")
     config = _tiny_config(str(tmp_path_factory.mktemp("tfds")))

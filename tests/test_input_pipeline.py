@@ -15,16 +15,16 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 from tensorflow_datasets.core.data_sources.base import BaseDataSource
 
-from diffjax import input_pipeline
-from diffjax.datasets import DATASETS, get_dataset_spec
-from diffjax.datasets.digits import Digits
-from diffjax.datasets.preprocess import (
+from diffjax.data import pipeline as input_pipeline
+from diffjax.data.digits import Digits
+from diffjax.data.preprocess import (
     celeba_face_crop,
     center_square_crop,
     crop_and_resize,
     resize,
 )
-from diffjax.datasets.sources import DatasetNotPreparedError, open_split
+from diffjax.data.registry import DATASETS, get_dataset_spec
+from diffjax.data.sources import DatasetNotPreparedError, open_split
 
 GLOBAL_BATCH = 100  # divides the 1,500 digits training examples: 15 steps per epoch
 
@@ -387,7 +387,7 @@ def test_bad_config_values_are_named(digits_dir):
 _PREPARE_SCRIPT = textwrap.dedent(
     """
     import sys
-    from diffjax.datasets.sources import open_split
+    from diffjax.data.sources import open_split
     print(len(open_split("digits", "train", sys.argv[1])))
     """
 )

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from diffjax import losses as L
-from diffjax.diffusion import MEAN_TYPES, VAR_TYPES
-from diffjax.schedules import Schedule, get_betas, make_schedule
+from diffjax.core import losses as L
+from diffjax.core.diffusion import MEAN_TYPES, VAR_TYPES
+from diffjax.core.schedules import Schedule, get_betas, make_schedule
 
 U = 2.0**-24
 TOL32 = 8 * U

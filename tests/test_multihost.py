@@ -95,7 +95,8 @@ def test_collectives_and_stop_agreement(tmp_path):
 def test_two_processes_train_on_disjoint_shards_to_identical_state(tmp_path, tmp_path_factory):
     from _train_helpers import example_digests, tiny_config, tree_digest
 
-    from diffjax import checkpointing, input_pipeline
+    from diffjax.data import pipeline as input_pipeline
+    from diffjax.training import checkpointing
 
     config = tiny_config()
     input_pipeline.num_examples(config, "train")  # prepare the digits data before both start

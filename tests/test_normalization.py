@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffjax.models.normalization import GroupNorm, group_norm
+from diffjax.kernels.normalization import GroupNorm, group_norm
 
 EPS = 1e-6
 

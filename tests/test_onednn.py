@@ -1,4 +1,4 @@
-"""Tests of the oneDNN convolution (diffjax.models.onednn) against float64 closed forms."""
+"""Tests of the oneDNN convolution (diffjax.kernels.onednn) against float64 closed forms."""
 
 import functools
 import os
@@ -21,9 +21,8 @@ from _conv_reference import (
 from _tiny_unet import tiny_unet_loss
 from hypothesis import given, settings
 
-from diffjax import cpu_runtime
+from diffjax.kernels import cpu_runtime, onednn
 from diffjax.models import layers as L
-from diffjax.models import onednn
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +74,7 @@ def test_isa_gate(flags, limit, f32_ok, bf16_ok):
 
 def _available_in_subprocess(env: dict[str, str]) -> list[str]:
     code = (
-        "import jax.numpy as jnp; from diffjax.models import onednn\n"
+        "import jax.numpy as jnp; from diffjax.kernels import onednn\n"
         "print(onednn.available(jnp.float32), onednn.available(jnp.bfloat16))\n"
         "print(onednn.describe(jnp.float32))"
     )
@@ -212,7 +211,7 @@ def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
 def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype, m):
     # Winograd's three batched products go through onednn.bmm: the same convolution and
     # gradients whichever engine runs them.
-    from diffjax.models import winograd
+    from diffjax.kernels import winograd
 
     kx, kw, kg = jax.random.split(jax.random.key(9), 3)
     x = jax.random.normal(kx, (2, 16, 16, 32))

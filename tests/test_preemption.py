@@ -12,7 +12,7 @@ import time
 import pytest
 from _train_helpers import REPO, cli_args, cli_env, run_cli
 
-from diffjax.preemption import StopGuard
+from diffjax.training.preemption import StopGuard
 
 
 def _deliver(sig: signal.Signals) -> None:
@@ -210,7 +210,7 @@ import os, signal, socket, sys, time
 import jax
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=1, process_id=0)
-from diffjax.preemption import StopGuard, jax_preemption_service_active
+from diffjax.training.preemption import StopGuard, jax_preemption_service_active
 assert jax_preemption_service_active()
 with StopGuard() as guard:
     assert not guard.should_stop(0)

@@ -27,7 +27,9 @@ from _train_helpers import (
     tiny_config,
 )
 
-from diffjax import checkpointing, input_pipeline, training
+from diffjax.data import pipeline as input_pipeline
+from diffjax.training import checkpointing
+from diffjax.training import loop as training
 
 pytestmark = pytest.mark.slow  # every test trains or starts a process
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffjax import images
-from diffjax.sample import main
+from diffjax.cli.sample import main
+from diffjax.data import images
 
 # --- images -----------------------------------------------------------------------------------
 
@@ -93,8 +93,8 @@ def _tiny_config(num_classes=0):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """An inference-only run of a tiny random conditional U-Net, saved at step 7."""
-    from diffjax import checkpointing
     from diffjax.models import create_model, init_params
+    from diffjax.training import checkpointing
 
     workdir = tmp_path_factory.mktemp("run")
     config = _tiny_config(num_classes=3)
@@ -122,7 +122,7 @@ def test_load_run_and_sample(tiny_run):
     assert np.abs(np.asarray(x)).max() <= 1.0 + 1e-5  # clipped x_0 at the last step
     # Run.sample is the library samplers on the run's model: the same draw on 2 devices.
     fn = run.model_fn(y=1, guidance_scale=2.0)
-    from diffjax.sampling import sample_pmapped
+    from diffjax.core.sampling import sample_pmapped
 
     ref = sample_pmapped(fn, run.schedule, jax.random.key(0), (4, 8, 8, 1), sampler="ddim",
                          num_steps=3, eta=0.0)  # fmt: skip

@@ -1,7 +1,8 @@
 """Samplers against float64 step-by-step references of their equations, and their properties.
 
-The references below are written independently of diffjax.sampling and diffjax.diffusion: plain
-numpy float64 loops over the paper formulas, with coefficients recomputed from the betas. They
+The references below are written independently of diffjax.core.sampling and
+diffjax.core.diffusion: plain numpy float64 loops over the paper formulas, with coefficients
+recomputed from the betas. They
 draw the same noise as the samplers by the documented key scheme (init_key, step_key =
 split(rng); x_T from init_key; the noise of step i from fold_in(step_key, i)).
 """
@@ -11,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import sampling, schedules
-from diffjax.models.unet import UNet
-from diffjax.sampling import (
+from diffjax.core import sampling, schedules
+from diffjax.core.sampling import (
     ddim_sample,
     make_model_fn,
     respace_schedule,
@@ -21,6 +21,7 @@ from diffjax.sampling import (
     sample_pmapped,
     space_timesteps,
 )
+from diffjax.models.unet import UNet
 
 # A short schedule whose x_T is well mixed (abar_T = 0.02) with betas small enough that float32
 # error is not amplified much: prod 1/sqrt(alpha_t) over all steps is about 7.

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffjax.schedules import SCHEDULES, Schedule, get_betas, make_schedule, respace
+from diffjax.core.schedules import SCHEDULES, Schedule, get_betas, make_schedule, respace
 
 NAMES = ("linear", "cosine", "quadratic", "sigmoid")
 FIELDS = (

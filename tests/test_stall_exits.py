@@ -15,14 +15,14 @@ import textwrap
 import pytest
 from _train_helpers import REPO, cli_env, run_cli
 
-from diffjax.watchdog import EXIT_CODE
+from diffjax.training.watchdog import EXIT_CODE
 
 STALL_TRAINING = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
     from _train_helpers import tiny_config
-    from diffjax import training
+    from diffjax.training import loop as training
 
     real = training.make_p_train_step
 
@@ -76,7 +76,9 @@ STALL_SAMPLING = textwrap.dedent(
     import jax
     sys.path.insert(0, {tests!r})
     from _train_helpers import tiny_config
-    from diffjax import checkpointing, run, sample
+    from diffjax import run
+    from diffjax.training import checkpointing
+    from diffjax.cli import sample
     from diffjax.models import create_model, init_params
 
     config = tiny_config()
@@ -110,7 +112,7 @@ def test_stalled_sampling_batch_exits_124(tmp_path):
 
 
 def test_watchdog_flags_are_checked_in_one_line(tmp_path, capsys):
-    from diffjax import sample
+    from diffjax.cli import sample
 
     with pytest.raises(SystemExit) as exc:
         sample.main([f"--workdir={tmp_path}", "--watchdog_factor=1"])

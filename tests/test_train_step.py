@@ -11,11 +11,11 @@ import optax
 import pytest
 from flax import jax_utils
 
-from diffjax.datasets.digits import digits_uint8
+from diffjax.core.schedules import make_schedule
+from diffjax.data.digits import digits_uint8
 from diffjax.models import create_model
-from diffjax.schedules import make_schedule
-from diffjax.train_state import create_learning_rate_fn, create_train_state
-from diffjax.train_step import AXIS_NAME, make_train_step, per_device_batch_size
+from diffjax.training.state import create_learning_rate_fn, create_train_state
+from diffjax.training.step import AXIS_NAME, make_train_step, per_device_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH = 8
@@ -154,7 +154,7 @@ def test_learning_rate_warmup_is_linear_then_constant():
 def test_gradient_clipping_applies_before_adam():
     config = tiny_config()
     config.optimizer.grad_clip = 0.5
-    from diffjax.train_state import create_optimizer
+    from diffjax.training.state import create_optimizer
 
     tx = create_optimizer(config.optimizer)
     params = {"w": np.zeros(4, np.float32)}
@@ -170,7 +170,7 @@ def test_gradient_clipping_applies_before_adam():
 
 
 def test_grad_clip_zero_means_no_clipping():
-    from diffjax.train_state import create_optimizer
+    from diffjax.training.state import create_optimizer
 
     config = tiny_config()
     params = {"w": np.zeros(4, np.float32)}

@@ -13,7 +13,8 @@ import pytest
 from _train_helpers import run_cli, tiny_config
 from PIL import Image
 
-from diffjax import checkpointing, training
+from diffjax.training import checkpointing
+from diffjax.training import loop as training
 
 # run_cli and tiny_config: one U-Net level, T = 20, global batch 8 over 2 fake devices.
 

@@ -18,9 +18,9 @@ from _conv_reference import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffjax.kernels import winograd as W
 from diffjax.models import create_model, init_params
 from diffjax.models import layers as L
-from diffjax.models import winograd as W
 from diffjax.models.unet import AttnBlock, ResnetBlock, UNet, timestep_embedding
 
 # Smallest model that still has two levels, a downsample/upsample pair and attention at 4x4.

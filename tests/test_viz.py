@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from diffjax import images, schedules, viz
-from diffjax.datasets.digits import digits_uint8
+from diffjax import viz
+from diffjax.core import schedules
+from diffjax.data import images
+from diffjax.data.digits import digits_uint8
 from diffjax.viz import curves, run_figures
 
 T = 100

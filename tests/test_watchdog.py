@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from diffjax.watchdog import EXIT_CODE, FIELD_RULES, Watchdog, WatchdogSettings
+from diffjax.training.watchdog import EXIT_CODE, FIELD_RULES, Watchdog, WatchdogSettings
 
 
 def _dog(factor=3.0, min_seconds=0.05, first_seconds=0.0):
@@ -105,7 +105,7 @@ def test_default_action_dumps_the_stacks_and_exits_124():
     code = textwrap.dedent(
         """
         import time
-        from diffjax.watchdog import Watchdog, WatchdogSettings
+        from diffjax.training.watchdog import Watchdog, WatchdogSettings
 
         def blocked_in_the_device_wait():
             time.sleep(60)

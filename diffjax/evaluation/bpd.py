@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffjax import diffusion, losses
-from diffjax.schedules import Schedule
+from diffjax.core import diffusion, losses
+from diffjax.core.schedules import Schedule
 
 __all__ = [
     "BPD_KEYS",

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffjax.diffusion import model_output_channels
+from diffjax.core.diffusion import model_output_channels
 from diffjax.models.unet import NUM_GROUPS, UNet, timestep_embedding
 
 __all__ = ["UNet", "create_model", "init_params", "timestep_embedding"]

@@ -6,13 +6,13 @@ backward: JAX's default transpose rules would run the backward products of a bfl
 float32 (upcast) operands, and XLA:CPU only uses its fast bfloat16 kernels for bfloat16 x bfloat16
 -> float32 products. Hence the custom VJPs below; in float32 they compute exactly what autodiff
 would. On CPU, 3x3 convolutions with >= 32 channels (64 without oneDNN) on maps of >= 16x16
-run as Winograd F(2x2, 3x3) (``diffjax.models.winograd``: 2.25x fewer multiplications), in
+run as Winograd F(2x2, 3x3) (``diffjax.kernels.winograd``: 2.25x fewer multiplications), in
 float32 as F(4x4, 3x3) (4x fewer; also on 8x8 maps with oneDNN) where its products have
 >= 256 rows, and the others as XLA's convolutions (``conv3x3_xla``, whose kernel gradient in
 bfloat16 compute is summed over cache-sized batch chunks), with XLA's products. Where a process
 opts in to oneDNN on an AVX-512 CPU (``onednn.available``), the other convolutions, the
 attention products and the dense layers' products run on oneDNN (``conv3x3_onednn``;
-``diffjax.models.onednn``). GPUs and TPUs get XLA's ops:
+``diffjax.kernels.onednn``). GPUs and TPUs get XLA's ops:
 ``conv3x3_xla``, whose backward convolutions also take bfloat16 operands, and on GPUs gives
 bfloat16 results in bfloat16 compute (``CONV_RESULT``).
 
@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models import onednn, winograd
-from diffjax.models.primitives import (
+from diffjax.kernels import onednn, winograd
+from diffjax.kernels.primitives import (
     F32,
     dot_f32,
     pad1,
@@ -74,7 +74,7 @@ def _linear_bwd(dtype, res, g):
     g = g.astype(dtype)  # [..., N]
     dx = onednn.bmm(_rows(g), k[None], False, True)[0].reshape(x.shape).astype(x.dtype)
     # [K, N] float32: the parameter gradient keeps full precision. A product contracting the
-    # many rows of x and g, which oneDNN runs 2-4x faster than XLA:CPU (diffjax.models.onednn).
+    # many rows of x and g, which oneDNN runs 2-4x faster than XLA:CPU (diffjax.kernels.onednn).
     dk = onednn.bmm(_rows(x), _rows(g), True, False)[0]
     return dx, dk
 
@@ -233,9 +233,10 @@ def _conv_bwd(dtype, res, g):
 conv3x3_dots.defvjp(_conv_fwd, _conv_bwd)
 
 # XLA:CPU's YNNPACK kernel-gradient convolution (its default for 3x3 convolutions, which bfloat16
-# compute keeps; diffjax/cpu_runtime.py) slows down per FLOP once the activations it contracts
-# outgrow the caches: measured on [32, 32, 32, 128] -> 128, one call takes 112 ms, sixteen calls
-# on 2-image chunks 64 ms in all (bench/README.md). Chunks hold at least this many pixels.
+# compute keeps; diffjax/kernels/cpu_runtime.py) slows down per FLOP once the activations it
+# contracts outgrow the caches: measured on [32, 32, 32, 128] -> 128, one call takes 112 ms,
+# sixteen calls on 2-image chunks 64 ms in all (bench/README.md). Chunks hold at least this
+# many pixels.
 KERNEL_GRAD_CHUNK_PIXELS = 2048
 KERNEL_GRAD_MAX_CHUNKS = 32
 
@@ -288,7 +289,7 @@ conv3x3_xla.defvjp(_xla_conv_fwd, _xla_conv_bwd)
 def conv3x3_onednn(
     x: jax.Array, kernel: jax.Array, strides: int, dtype: Any, chunks: int = 1
 ) -> jax.Array:
-    """3x3 SAME convolution on oneDNN (``diffjax.models.onednn``; float32 [B, H', W', O]).
+    """3x3 SAME convolution on oneDNN (``diffjax.kernels.onednn``; float32 [B, H', W', O]).
 
     The input gradient of a stride-1 convolution is oneDNN's convolution of g with the flipped,
     in/out-transposed kernel; a stride-2 one's, and every kernel gradient (not a small forward

@@ -41,7 +41,7 @@ computed in float32 whatever the compute dtype. Parameters are always float32; `
 the compute dtype of convolutions, dense layers and attention (products accumulate in float32,
 softmax in float32); the output is cast back to float32. The layers themselves (and why they are
 written the way they are: speed on XLA:CPU) are in :mod:`diffjax.models.layers`,
-:mod:`diffjax.models.winograd` and :mod:`diffjax.models.normalization`.
+:mod:`diffjax.kernels.winograd` and :mod:`diffjax.kernels.normalization`.
 
 Class conditioning (for classifier-free guidance, Ho & Salimans 2022): ``class_embed`` has
 ``num_classes + 1`` rows, the last (id ``num_classes``) being the null class; ``y=None`` on a
@@ -61,8 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax.kernels.normalization import GroupNorm
 from diffjax.models import layers as L
-from diffjax.models.normalization import GroupNorm
 
 NUM_GROUPS = 32  # GroupNorm groups, as the paper.
 NORM_EPS = 1e-6  # tf.contrib.layers.group_norm default, used by the reference model.

@@ -14,7 +14,7 @@ import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
 
-from diffjax import images
+from diffjax.data import images
 
 __all__ = [
     "DPI",

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import FormatStrFormatter
 
-from diffjax import schedules
+from diffjax.core import schedules
 from diffjax.viz.canvas import PathLike, check_size, curve_figure, save_figure
 from diffjax.viz.events import read_scalars
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffjax import cli, images
+from diffjax.cli import common as cli
+from diffjax.data import images
 from diffjax.viz.canvas import PathLike
 from diffjax.viz.curves import schedule_curves, training_curves, vlb_terms
 from diffjax.viz.strips import forward_process_strip, reverse_process_strip
@@ -41,8 +42,8 @@ def write_run_figures(
     ``training.png`` (skipped if the run has no event files) and ``vlb_terms.png`` (the full
     bound on ``num_vlb_examples`` test images; 0 skips it: it runs the network T times).
     """
+    from diffjax.data.pipeline import load_split_as_array
     from diffjax.evaluation import bpd
-    from diffjax.input_pipeline import load_split_as_array
     from diffjax.run import load_run
 
     for name, value in (("num_images", num_images), ("num_samples", num_samples)):

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion, schedules
-from diffjax.images import make_grid, to_uint8
+from diffjax.core import diffusion, schedules
+from diffjax.data.images import make_grid, to_uint8
 from diffjax.viz.canvas import PathLike, save_figure, strip_figure, to_pixels
 
 __all__ = ["check_timesteps", "forward_process_strip", "reverse_process_strip", "sample_comparison"]
@@ -94,7 +94,7 @@ def reverse_process_strip(
 ) -> str:
     """x_t and the network's estimate of x_0 along sampling trajectories, two rows per sample.
 
-    The inputs are the fields of :class:`diffjax.sampling.Trajectory` (``sample(...,
+    The inputs are the fields of :class:`diffjax.core.sampling.Trajectory` (``sample(...,
     return_trajectory=True)``), in sampling order. At most ``max_columns`` evenly spaced steps
     (first and last included) and the first ``max_images`` samples are shown.
 
@@ -145,7 +145,8 @@ def sample_comparison(
 
     :param title: a line above the panels.
     :param samples: title -> images [N, H, W, C] (uint8 or float in [-1, 1]), equal shapes.
-    :param ncols: images per grid row (default: a square-ish grid, ``diffjax.images.make_grid``).
+    :param ncols: images per grid row (default: a square-ish grid,
+        ``diffjax.data.images.make_grid``).
     :param panel_px: width of each panel; its height keeps the grid's aspect ratio. The PNG is
         (2*8 + P*panel_px + (P-1)*4) wide and (64 + round(panel_px * h / w) + 8) high, P =
         len(samples) and h x w the size of one grid (1 pixel of white between images).

@@ -3,12 +3,12 @@
 Every dataset is read through TFDS's random-access `data_source` (array_record files), so no
 TensorFlow is needed to read. `digits` is written offline on first use by a diffjax builder; the
 others are prepared once with the `tfds build` command that `build_command` returns (see
-`diffjax.input_pipeline` for the full list).
+`diffjax.data.pipeline` for the full list).
 """
 
 import dataclasses
 
-from diffjax.datasets.digits import Digits
+from diffjax.data.digits import Digits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class DatasetSpec:
       channels: image channels.
       num_classes: number of label classes (0 when unlabelled).
       splits: split names the prepared dataset provides.
-      crop: key of `diffjax.datasets.preprocess.CROPS` applied before resizing.
+      crop: key of `diffjax.data.preprocess.CROPS` applied before resizing.
       build_flags: extra `tfds build` flags needed to prepare it.
       build_needs: what `tfds build` needs besides this package.
       builder: a builder class this package prepares offline on first use, or None.

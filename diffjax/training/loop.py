@@ -2,7 +2,7 @@
 
 What a run does (see ``train.py`` for the command line; usable from a notebook as well)::
 
-    from diffjax import training
+    from diffjax.training import loop as training
     from configs import digits
     result = training.train_and_evaluate(digits.get_config(), "workdirs/digits")
 
@@ -11,17 +11,18 @@ What a run does (see ``train.py`` for the command line; usable from a notebook a
 2. builds the U-Net, the schedule and the optimizer, and resumes from the latest readable
    checkpoint in ``workdir/checkpoints`` when there is one: parameters, EMA, Adam moments and
    the step, which is also the position in the data stream (batch k is a pure function of
-   (seed, k, process), see ``diffjax.input_pipeline``) and in the key stream. A checkpoint
+   (seed, k, process), see ``diffjax.data.pipeline``) and in the key stream. A checkpoint
    whose shapes do not fit the config is an error naming the leaves; an unreadable one is set
-   aside with a warning (``diffjax.checkpointing``);
+   aside with a warning (``diffjax.training.checkpointing``);
 3. writes ``workdir/config.json`` (warning about every key that changed on a resume) and
    TensorBoard events (process 0 only);
-4. runs the data-parallel step (``diffjax.train_step``) on all local devices, logging loss,
+4. runs the data-parallel step (``diffjax.training.step``) on all local devices, logging loss,
    gradient norm, learning rate and images/s every ``log_every_steps``, saving a checkpoint
    every ``checkpoint_every_steps`` and a PNG grid of samples from the EMA parameters every
    ``sample_every_steps`` (and all three at the end);
-5. on SIGTERM/SIGINT (``diffjax.preemption``) finishes the current step, writes a checkpoint,
-   waits until it is complete, prints where it is and returns (``stopped_early``); no samples;
+5. on SIGTERM/SIGINT (``diffjax.training.preemption``) finishes the current step, writes a
+   checkpoint, waits until it is complete, prints where it is and returns (``stopped_early``);
+   no samples;
 6. on a non-finite loss or gradient (the update is always skipped on the device):
    ``training.nan_policy="stop"`` raises :class:`NonFiniteError` naming the step and the last
    good checkpoint; ``"skip"`` goes on, and raises once more than
@@ -53,17 +54,20 @@ from etils import epath
 from flax import jax_utils
 from tqdm import tqdm
 
-from diffjax import checkpointing, images, input_pipeline, watchdog
-from diffjax.config_validation import validate_config
+from diffjax.config.validation import validate_config
+from diffjax.core.schedules import Schedule, make_schedule
+from diffjax.data import images
+from diffjax.data import pipeline as input_pipeline
 from diffjax.errors import ReportableError
-from diffjax.metrics_writer import MetricWriter, format_metrics
-from diffjax.models import create_model, onednn
-from diffjax.preemption import StopGuard
+from diffjax.kernels import onednn
+from diffjax.models import create_model
 from diffjax.run import resolve_sampling_options, sample_with_params
-from diffjax.schedules import Schedule, make_schedule
-from diffjax.train_state import TrainState, create_train_state
-from diffjax.train_step import AXIS_NAME, make_p_train_step, per_device_batch_size
-from diffjax.workdir import WorkdirError, config_changes, prepare_workdir, record_config
+from diffjax.training import checkpointing, watchdog
+from diffjax.training.metrics import MetricWriter, format_metrics
+from diffjax.training.preemption import StopGuard
+from diffjax.training.state import TrainState, create_train_state
+from diffjax.training.step import AXIS_NAME, make_p_train_step, per_device_batch_size
+from diffjax.training.workdir import WorkdirError, config_changes, prepare_workdir, record_config
 
 __all__ = [
     "NonFiniteError",
@@ -273,11 +277,11 @@ def train_and_evaluate(
 ) -> TrainResult:
     """Train (or resume training) the run in ``workdir`` up to ``training.num_train_steps``.
 
-    :raises diffjax.config_validation.ConfigError: the config is invalid for this topology.
-    :raises diffjax.input_pipeline.DatasetNotPreparedError: the dataset needs ``tfds build``.
+    :raises diffjax.config.validation.ConfigError: the config is invalid for this topology.
+    :raises diffjax.data.pipeline.DatasetNotPreparedError: the dataset needs ``tfds build``.
     :raises WorkdirError: ``workdir`` cannot be created or written.
-    :raises diffjax.checkpointing.CheckpointMismatchError: the workdir's checkpoint does not fit
-        the config (it is never overwritten by a fresh initialisation).
+    :raises diffjax.training.checkpointing.CheckpointMismatchError: the workdir's checkpoint
+        does not fit the config (it is never overwritten by a fresh initialisation).
     :raises NonFiniteError: the loss or gradient became non-finite (``training.nan_policy``).
     """
     num_local = jax.local_device_count()
@@ -368,7 +372,8 @@ def train_and_evaluate(
             else:
                 timer_steps += 1
 
-            # Preemption: every process gets the same answer at the same step (diffjax.preemption).
+            # Preemption: every process gets the same answer at the same step
+            # (diffjax.training.preemption).
             stop = guard.should_stop(step)
             final = step == tc.num_train_steps or stop
             log_now = step % tc.log_every_steps == 0 or final

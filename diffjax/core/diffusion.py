@@ -1,6 +1,6 @@
 """The forward process, its posterior, and the reverse-process parameterizations.
 
-Free functions over a :class:`~diffjax.schedules.Schedule`. Throughout:
+Free functions over a :class:`~diffjax.core.schedules.Schedule`. Throughout:
 
 - ``t`` is an int32 array of shape [B], 0-indexed: ``t = 0`` is the paper's t = 1.
 - Per-timestep coefficients are gathered at ``t`` and broadcast over the trailing dims of
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from diffjax.schedules import Schedule
+from diffjax.core.schedules import Schedule
 
 __all__ = [
     "MEAN_TYPES",

@@ -43,8 +43,8 @@ from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import batching, mlir
 
-from diffjax import cpu_runtime
-from diffjax.models.primitives import F32, dot_f32, same_padding, xla_conv
+from diffjax.kernels import cpu_runtime
+from diffjax.kernels.primitives import F32, dot_f32, same_padding, xla_conv
 
 CONV_TARGET = "__onednn$convolution"
 MATMUL_TARGET = "__onednn$matmul"

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.models.primitives import F32
+from diffjax.kernels.primitives import F32
 
 
 def _expand_product(v: jax.Array, channels: int) -> jax.Array:

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion
-from diffjax.schedules import Schedule
+from diffjax.core import diffusion
+from diffjax.core.schedules import Schedule
 
 __all__ = [
     "HYBRID_LAMBDA",

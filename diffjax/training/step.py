@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffjax import losses
-from diffjax.schedules import Schedule
-from diffjax.train_state import TrainState, create_learning_rate_fn, ema_update
+from diffjax.core import losses
+from diffjax.core.schedules import Schedule
+from diffjax.training.state import TrainState, create_learning_rate_fn, ema_update
 
 __all__ = [
     "AXIS_NAME",

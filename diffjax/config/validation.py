@@ -26,7 +26,8 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from diffjax import choices, diffusion, losses, schedules, watchdog
+from diffjax import choices
+from diffjax.core import diffusion, losses, schedules
 from diffjax.errors import (
     ConfigError,
     ReportableError,
@@ -35,6 +36,7 @@ from diffjax.errors import (
     exit_with_config_error,
     format_config_error,
 )
+from diffjax.training import watchdog
 
 __all__ = [
     "ConfigError",
@@ -111,12 +113,12 @@ def _int_tuple(*, non_empty: bool) -> tuple[Callable[[Any], bool], str]:
 
 
 def _dataset_table() -> dict[str, Any] | None:
-    """``diffjax.datasets.DATASETS`` (name -> spec), or None while it is unavailable.
+    """``diffjax.data.registry.DATASETS`` (name -> spec), or None while it is unavailable.
 
     Imported lazily: the dataset package pulls in heavier dependencies than validation needs.
     """
     try:
-        datasets = importlib.import_module("diffjax.datasets")
+        datasets = importlib.import_module("diffjax.data.registry")
     except ImportError:
         return None
     return getattr(datasets, "DATASETS", None)
@@ -301,7 +303,7 @@ def _check_classes(config: Any, ctx: dict[str, int]) -> Iterator[str]:
 
 
 def _check_dataset(config: Any, ctx: dict[str, int]) -> Iterator[str]:
-    # The rules diffjax.input_pipeline applies when it opens the data, checked up front.
+    # The rules diffjax.data.pipeline applies when it opens the data, checked up front.
     table = _dataset_table()
     name = _get(config, "data.name")
     if table is None or not isinstance(name, str) or name not in table:

@@ -28,11 +28,17 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from diffjax import diffusion
-from diffjax.dpm_solver import dpm_solver_sample
-from diffjax.respacing import check_int, respace_schedule, space_timesteps, spaced_schedule
-from diffjax.sampling_loop import Trajectory, check_options, check_shape, initial_noise, run_steps
-from diffjax.schedules import Schedule
+from diffjax.core import diffusion
+from diffjax.core.dpm_solver import dpm_solver_sample
+from diffjax.core.respacing import check_int, respace_schedule, space_timesteps, spaced_schedule
+from diffjax.core.sampling_loop import (
+    Trajectory,
+    check_options,
+    check_shape,
+    initial_noise,
+    run_steps,
+)
+from diffjax.core.schedules import Schedule
 
 __all__ = [
     "SAMPLERS",

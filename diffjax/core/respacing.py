@@ -2,7 +2,7 @@
 
 :func:`space_timesteps` picks K evenly spaced steps; :func:`respace_schedule` restricts a
 (possibly traced) schedule to them while keeping alphas_cumprod there, so the K-step process has
-the same marginals q(x_t | x_0) at the kept steps. The samplers in :mod:`diffjax.sampling` take
+the same marginals q(x_t | x_0) at the kept steps. The samplers in :mod:`diffjax.core.sampling` take
 the kept steps as their ``timesteps`` option and feed the model the original step indices.
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.schedules import Schedule
+from diffjax.core.schedules import Schedule
 
 __all__ = ["check_int", "respace_schedule", "space_timesteps", "spaced_schedule"]
 
@@ -68,7 +68,7 @@ def respace_schedule(
 ) -> tuple[Schedule, np.ndarray]:
     """The schedule restricted to ``timesteps`` that keeps alphas_cumprod there (jittable).
 
-    Nichol & Dhariwal 2021 Sec. 4, as :func:`diffjax.schedules.respace`, but computed from a
+    Nichol & Dhariwal 2021 Sec. 4, as :func:`diffjax.core.schedules.respace`, but computed from a
     possibly traced ``schedule`` in float32: every coefficient that depends on alphas_cumprod
     alone is gathered unchanged, and the new beta_i = 1 - prod_{j in (k_{i-1}, k_i]} alpha_j is
     ``-expm1`` of a sum of ``log1p(-beta_j)`` over the skipped steps, which keeps full relative

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffjax.models import onednn
-from diffjax.models.primitives import F32, pad1
+from diffjax.kernels import onednn
+from diffjax.kernels.primitives import F32, pad1
 
 # Winograd F(m x m, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
 # eq. 8): every (m + 2)^2 input tile d (stride m) gives an m x m output tile

@@ -1,6 +1,6 @@
 """Open one split of a dataset as a TFDS random-access data source (array_record).
 
-Official datasets must have been prepared with `tfds build` (see `diffjax.input_pipeline`);
+Official datasets must have been prepared with `tfds build` (see `diffjax.data.pipeline`);
 asking for one that is not gives a single-line `DatasetNotPreparedError` holding the command.
 Datasets with a diffjax builder (`DatasetSpec.builder`, e.g. digits) are written on first use.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from diffjax.datasets import DatasetSpec, build_command, get_dataset_spec
+from diffjax.data.registry import DatasetSpec, build_command, get_dataset_spec
 
 try:  # POSIX only; elsewhere concurrent first use relies on the atomic rename alone.
     import fcntl

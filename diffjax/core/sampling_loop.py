@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion
-from diffjax.respacing import check_int
+from diffjax.core import diffusion
+from diffjax.core.respacing import check_int
 
 __all__ = ["Trajectory", "check_options", "check_shape", "initial_noise", "run_steps"]
 

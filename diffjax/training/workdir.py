@@ -17,8 +17,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from diffjax import checkpointing
 from diffjax.errors import ReportableError
+from diffjax.training import checkpointing
 
 __all__ = ["WorkdirError", "config_changes", "prepare_workdir", "record_config"]
 

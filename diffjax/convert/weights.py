@@ -33,7 +33,7 @@ else is a ValueError naming the config key and value. A config without ``attenti
 (as written by diffusers 0.0.x, the official DDPM folders) means single-head attention, the
 architecture those weights were trained with.
 
-The config translation (and its checks) is :mod:`diffjax.diffusers_config`; this module reads
+The config translation (and its checks) is :mod:`diffjax.convert.configs`; this module reads
 the folders and maps the tensors.
 
 Command line::
@@ -57,14 +57,15 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
-from diffjax import checkpointing, cli
-from diffjax.diffusers_config import (
+from diffjax.cli import common as cli
+from diffjax.convert.configs import (
     diffusion_config_from_scheduler,
     guess_dataset,
     make_config,
     model_config_from_unet,
 )
 from diffjax.models import create_model
+from diffjax.training import checkpointing
 
 __all__ = [
     "DiffusersFolder",

@@ -37,10 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion
-from diffjax.respacing import check_int, space_timesteps
-from diffjax.sampling_loop import Trajectory, check_options, check_shape, initial_noise, run_steps
-from diffjax.schedules import Schedule
+from diffjax.core import diffusion
+from diffjax.core.respacing import check_int, space_timesteps
+from diffjax.core.sampling_loop import (
+    Trajectory,
+    check_options,
+    check_shape,
+    initial_noise,
+    run_steps,
+)
+from diffjax.core.schedules import Schedule
 
 __all__ = ["FINAL_SIGMAS", "SPACINGS", "dpm_solver_sample", "noise_levels"]
 
@@ -208,7 +214,7 @@ def dpm_solver_sample(
 ) -> Array | tuple[Array, Trajectory]:
     """Multistep DPM-Solver++ (Lu et al. 2022b Alg. 2, data prediction), one ``lax.scan``.
 
-    Deterministic given x_T (drawn as in :func:`diffjax.sampling.sample` from ``rng``). Any
+    Deterministic given x_T (drawn as in :func:`diffjax.core.sampling.sample` from ``rng``). Any
     ``mean_type`` (the network's first C channels; a learned variance is ignored).
 
     :param num_steps: K network evaluations, in [1, T].

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 from etils import epath
 
 if TYPE_CHECKING:
-    from diffjax.watchdog import WatchdogSettings
+    from diffjax.training.watchdog import WatchdogSettings
 
 EXIT_USAGE = 2
 
@@ -42,8 +42,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def add_watchdog_flags(parser: argparse.ArgumentParser) -> None:
     """``--watchdog_factor``, ``--watchdog_min_seconds``, ``--watchdog_first_seconds``
-    (``diffjax.watchdog``), defaults as training's."""
-    from diffjax.watchdog import WatchdogSettings
+    (``diffjax.training.watchdog``), defaults as training's."""
+    from diffjax.training.watchdog import WatchdogSettings
 
     helps = {
         "factor": "a call may take this many times its median (0: no watchdog)",
@@ -57,7 +57,7 @@ def add_watchdog_flags(parser: argparse.ArgumentParser) -> None:
 
 def watchdog_settings(args: argparse.Namespace) -> WatchdogSettings:
     """The ``WatchdogSettings`` of the flags; raises UsageError naming a bad value."""
-    from diffjax.watchdog import FIELD_RULES, WatchdogSettings
+    from diffjax.training.watchdog import FIELD_RULES, WatchdogSettings
 
     values = {name: getattr(args, f"watchdog_{name}") for name in FIELD_RULES}
     for name, (ok, allowed) in FIELD_RULES.items():
@@ -70,7 +70,7 @@ def print_kernels(compute_dtype: str) -> None:
     """On a CPU backend, say once on stderr which convolutions and products the run uses."""
     import jax
 
-    from diffjax.models import onednn
+    from diffjax.kernels import onednn
 
     if jax.default_backend() == "cpu":
         print(onednn.describe(compute_dtype), file=sys.stderr)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from diffjax.watchdog import WatchdogSettings
+from diffjax.training.watchdog import WatchdogSettings
 
 # Training splits whose decoded images fit in this many MiB are decoded once, at the start
 # (data.cache_max_mb; CIFAR-10's 50,000 x 32 x 32 x 3 take 146 MiB). Also the value for run
@@ -78,7 +78,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.nan_policy = "stop"
     training.max_consecutive_skips = 10
     # A step, sample grid or checkpoint that takes max(factor x its median, min_seconds) ends
-    # the run with exit status 124 and the Python stacks (diffjax.watchdog); factor 0: off.
+    # the run with exit status 124 and the Python stacks (diffjax.training.watchdog); factor 0: off.
     # first_seconds > 0 also bounds each one's first call, which compiles.
     training.watchdog_factor = WatchdogSettings.factor
     training.watchdog_min_seconds = WatchdogSettings.min_seconds

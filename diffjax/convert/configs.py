@@ -23,8 +23,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from diffjax import diffusion, schedules
-from diffjax.default_config import get_base_config
+from diffjax.config.defaults import get_base_config
+from diffjax.core import diffusion, schedules
 
 __all__ = [
     "diffusion_config_from_scheduler",
@@ -253,7 +253,8 @@ def diffusion_config_from_scheduler(cfg: Mapping[str, Any] | None) -> dict[str, 
     if name is None:
         raise ValueError(
             f"scheduler {what} at num_train_timesteps={t} equals no diffjax schedule; "
-            f"allowed: {', '.join(schedules.SCHEDULES)} as diffjax.schedules.get_betas(name, {t})"
+            f"allowed: {', '.join(schedules.SCHEDULES)} as "
+            f"diffjax.core.schedules.get_betas(name, {t})"
         )
     var_type = _VAR_TYPES[sched["variance_type"]]
     return {

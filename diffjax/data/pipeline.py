@@ -2,7 +2,7 @@
 
 Datasets are read with TFDS's random-access `data_source` (array_record) and fed through grain
 threads (and optionally worker processes); TensorFlow is not needed at run time. Names are the
-keys of `diffjax.datasets.DATASETS`.
+keys of `diffjax.data.registry.DATASETS`.
 
 Preparing datasets
 ------------------
@@ -58,10 +58,10 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from diffjax.datasets import DatasetSpec, get_dataset_spec
-from diffjax.datasets.preprocess import crop_and_resize, to_model_range
-from diffjax.datasets.sources import DatasetNotPreparedError, open_split, resolve_data_dir
-from diffjax.default_config import CACHE_MAX_MB
+from diffjax.config.defaults import CACHE_MAX_MB
+from diffjax.data.preprocess import crop_and_resize, to_model_range
+from diffjax.data.registry import DatasetSpec, get_dataset_spec
+from diffjax.data.sources import DatasetNotPreparedError, open_split, resolve_data_dir
 
 __all__ = [
     "DatasetNotPreparedError",

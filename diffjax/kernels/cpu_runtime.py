@@ -22,7 +22,7 @@ computed, only how fast (the tests compare gradients and losses with and without
    REDUCE). For float32 compute, YNNPACK fusions of products and convolutions with their
    elementwise neighbours (DOT) and of reductions (REDUCE) are faster, while XLA's own loops
    stay faster for elementwise chains (YNNPACK's ELTWISE fusions run the slicing and stacking
-   of the Winograd transforms, ``diffjax.models.winograd``, 3-4x slower); for bfloat16 compute
+   of the Winograd transforms, ``diffjax.kernels.winograd``, 3-4x slower); for bfloat16 compute
    the default is (its 8x8 and 4x4 convolutions are nine bfloat16 products, which the DOT
    fusion slows down). The flag is only added for the jaxlib versions
    it was measured on, and never over one already in ``XLA_FLAGS``; ``DIFFJAX_YNN_FUSIONS=0``
@@ -35,10 +35,10 @@ Measured gains are in ``bench/README.md`` ("CPU runtime settings").
    ``$XDG_CACHE_HOME/diffjax/jax`` (``~/.cache/diffjax/jax``), so that a second ``python -m
    diffjax.sample`` of the same run skips its compiles (digits, 64 DDIM-50 samples: 9.4 -> 5.0 s
    wall). ``DIFFJAX_COMPILATION_CACHE=0`` turns it off. Programs with oneDNN calls (the opt-in of
-   ``diffjax.models.onednn``) cannot be stored: XLA:CPU fails to serialize them.
+   ``diffjax.kernels.onednn``) cannot be stored: XLA:CPU fails to serialize them.
 
 ``isa()`` names the instruction set of this CPU (AVX2, AVX-512, AVX-512 BF16, AMX) for the
-benchmarks' reports and for the oneDNN gate (``diffjax.models.onednn``).
+benchmarks' reports and for the oneDNN gate (``diffjax.kernels.onednn``).
 """
 
 from __future__ import annotations
