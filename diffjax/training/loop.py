@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -64,6 +63,7 @@ from diffjax.models import create_model
 from diffjax.run import resolve_sampling_options, sample_with_params
 from diffjax.training import checkpointing, watchdog
 from diffjax.training.metrics import MetricWriter, format_metrics
+from diffjax.training.multihost import initialize_distributed, multiprocess_requested
 from diffjax.training.preemption import StopGuard
 from diffjax.training.state import TrainState, create_train_state
 from diffjax.training.step import AXIS_NAME, make_p_train_step, per_device_batch_size
@@ -100,49 +100,6 @@ class TrainResult:
     metrics: dict[str, float]
     workdir: str
     stopped_early: bool = False
-
-
-# --- multi-host start-up ----------------------------------------------------------------------
-
-
-def multiprocess_requested(env: Mapping[str, str] | None = None) -> bool:
-    """Whether the environment describes a run of several processes.
-
-    ``DIFFJAX_DISTRIBUTED=1`` / ``0`` decides explicitly. Otherwise any of: an explicit
-    coordinator (``JAX_COORDINATOR_ADDRESS``), a multislice TPU job
-    (``MEGASCALE_COORDINATOR_ADDRESS``), several TPU workers (``TPU_WORKER_HOSTNAMES`` or
-    ``TPU_PROCESS_ADDRESSES`` with more than one entry, as on GKE), or a Slurm / Open MPI job
-    of several tasks (``SLURM_NTASKS``, ``OMPI_COMM_WORLD_SIZE`` > 1).
-    """
-    env = os.environ if env is None else env
-    explicit = env.get("DIFFJAX_DISTRIBUTED")
-    if explicit is not None:
-        return explicit.strip().lower() in ("1", "true", "yes")
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return True
-    if any("," in env.get(k, "") for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")):
-        return True
-    return any(int(env.get(k, "1") or "1") > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-
-
-def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
-    """``jax.distributed.initialize()`` when :func:`multiprocess_requested`; else nothing.
-
-    Must run before any JAX computation. On Cloud TPU, Slurm and Open MPI the coordinator,
-    process count and id are detected by JAX; elsewhere set ``JAX_COORDINATOR_ADDRESS``
-    (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
-    Returns whether it initialized.
-    """
-    env = os.environ if env is None else env
-    if not multiprocess_requested(env):
-        return False
-    kwargs: dict[str, Any] = {}
-    if env.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-    if env.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-    return True
 
 
 # --- pieces of the loop -----------------------------------------------------------------------
