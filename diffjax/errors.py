@@ -1,9 +1,11 @@
 """Errors whose message is the whole explanation, and how a command line reports them.
 
 :class:`ReportableError` is the base of every error whose message alone tells a command-line user
-what is wrong and what to do (an invalid config, an unusable workdir or checkpoint, a diverged
-run); :func:`exit_on_reportable_error` prints it as ``error: ...`` without a traceback and exits
-with its ``exit_code`` (2 for a :class:`ConfigError`, a usage error; else 1).
+what is wrong and what to do (an invalid config, a bad flag, a dataset that is not prepared, an
+unusable workdir or checkpoint, a diverged run). Every command line reports them through one
+handler, :func:`exit_on_reportable_error` (or :func:`report_and_exit` where it must stop at
+once): ``[PROG: ]error: ...`` on stderr without a traceback, and the error's ``exit_code``
+(2 for a :class:`UsageError` or a :class:`ConfigError`; else 1).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ __all__ = [
     "CONFIG_ERROR_EXIT_CODE",
     "ConfigError",
     "ReportableError",
+    "UsageError",
     "exit_on_config_error",
     "exit_on_reportable_error",
     "exit_with_config_error",
     "format_config_error",
+    "report_and_exit",
 ]
 
 CONFIG_ERROR_EXIT_CODE = 2  # the usual exit status of a command-line usage error
@@ -34,6 +38,15 @@ class ReportableError(Exception):
     """
 
     exit_code: int = 1
+
+
+class UsageError(ReportableError):
+    """A bad flag value or an unusable run or file; the message is kept to one line."""
+
+    exit_code = CONFIG_ERROR_EXIT_CODE
+
+    def __init__(self, message: object):
+        super().__init__(" ".join(str(message).split()))
 
 
 class ConfigError(ReportableError, ValueError):
@@ -52,23 +65,35 @@ def format_config_error(err: ReportableError) -> str:
     return str(err)
 
 
-def exit_with_config_error(err: ReportableError, stream: TextIO | None = None) -> NoReturn:
-    """Print ``err`` as ``error: ...`` without a traceback and exit with its status."""
-    print(f"error: {format_config_error(err)}", file=stream or sys.stderr, flush=True)
+def report_and_exit(
+    err: ReportableError, stream: TextIO | None = None, *, prog: str | None = None
+) -> NoReturn:
+    """Print ``err`` as ``[PROG: ]error: ...`` without a traceback and exit with its status."""
+    prefix = f"{prog}: " if prog else ""
+    print(f"{prefix}error: {format_config_error(err)}", file=stream or sys.stderr, flush=True)
     raise SystemExit(err.exit_code)
 
 
-@contextmanager
-def exit_on_reportable_error(stream: TextIO | None = None) -> Iterator[None]:
-    """Turn a :class:`ReportableError` raised in the block into ``error: ...`` and an exit.
+# The name used before report_and_exit; the same function.
+exit_with_config_error = report_and_exit
 
-    The status is the error's ``exit_code``: 2 for a :class:`ConfigError` (a usage error),
-    1 otherwise (e.g. a diverged run, an unusable workdir or checkpoint).
+
+@contextmanager
+def exit_on_reportable_error(
+    stream: TextIO | None = None, *, prog: str | None = None
+) -> Iterator[None]:
+    """Turn a :class:`ReportableError` raised in the block into ``[PROG: ]error: ...`` and an exit.
+
+    The status is the error's ``exit_code``: 2 for a :class:`UsageError` or a
+    :class:`ConfigError` (usage errors), 1 otherwise (e.g. a diverged run, an unusable workdir
+    or checkpoint, a dataset that is not prepared). ``prog``: the command's name, printed
+    before ``error:`` (the sample/evaluate/convert/viz command lines name themselves; train
+    prints a bare ``error:``).
     """
     try:
         yield
     except ReportableError as err:
-        exit_with_config_error(err, stream)
+        report_and_exit(err, stream, prog=prog)
 
 
 # The name command lines have used; it handles every ReportableError, configs included.

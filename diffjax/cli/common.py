@@ -1,5 +1,9 @@
 """Plumbing shared by the command-line tools: bad input is one line on stderr and exit status 2.
 
+Errors go through the one handler of :mod:`diffjax.errors`: a command wraps its work in
+``errors.exit_on_reportable_error(prog=...)``, and :class:`UsageError` (a ``ReportableError``,
+exit status 2) is what it raises for a bad flag or an unusable run or file.
+
 Kept free of jax imports so that a tool can reject its flags and a missing run before paying
 for jax's start-up.
 """
@@ -13,27 +17,41 @@ from typing import TYPE_CHECKING, NoReturn
 
 from etils import epath
 
+from diffjax import errors
+from diffjax.errors import UsageError
+
 if TYPE_CHECKING:
     from diffjax.training.watchdog import WatchdogSettings
 
-EXIT_USAGE = 2
+__all__ = [
+    "EXIT_USAGE",
+    "OneLineParser",
+    "UsageError",
+    "add_watchdog_flags",
+    "check_run_dir",
+    "fail",
+    "print_kernels",
+    "run_compute_dtype",
+    "watchdog_settings",
+]
 
-
-class UsageError(Exception):
-    """A bad flag value or an unusable run or file, reported as one line."""
+EXIT_USAGE = UsageError.exit_code  # 2
 
 
 def fail(prog: str, message: str) -> NoReturn:
-    """Print ``PROG: error: MESSAGE`` on one line and exit with status 2."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    """Print ``PROG: error: MESSAGE`` on one line and exit with status 2 (the one handler)."""
+    errors.report_and_exit(UsageError(message), prog=prog)
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block), exit status 2."""
+    """An ArgumentParser whose errors are one line (no usage block), exit status 2.
 
-    def __init__(self, name: str, **kwargs) -> None:
-        super().__init__(prog=f"python -m {name}", **kwargs)
+    ``name`` is the prefix of its error lines (``diffjax.sample: error: ...``); ``prog`` the
+    command shown by ``--help`` (default ``python -m NAME``).
+    """
+
+    def __init__(self, name: str, prog: str | None = None, **kwargs) -> None:
+        super().__init__(prog=prog or f"python -m {name}", **kwargs)
         self.name = name
 
     def error(self, message: str) -> NoReturn:

@@ -35,11 +35,11 @@ import io
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from etils import epath
 
-from diffjax import choices
+from diffjax import choices, errors
 from diffjax.cli import common as cli
 from diffjax.kernels import cpu_runtime
 
@@ -48,18 +48,13 @@ __all__ = ["main", "parse_args"]
 EXIT_USAGE = cli.EXIT_USAGE
 UsageError = cli.UsageError
 _PROG = "diffjax.sample"
-_SAMPLERS = choices.SAMPLERS
 
 
-def _fail(message: str) -> NoReturn:
-    cli.fail(_PROG, message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = cli.OneLineParser(_PROG, description=__doc__.split("\n")[0])
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = cli.OneLineParser(_PROG, prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
     p.add_argument("--num", type=int, default=None, help="number of samples")
-    p.add_argument("--sampler", default=None, help=f"one of {', '.join(_SAMPLERS)}")
+    p.add_argument("--sampler", default=None, help=f"one of {', '.join(choices.SAMPLERS)}")
     p.add_argument("--steps", type=int, default=None, help="sampling steps, 0 = all T (dpm++: 20)")
     p.add_argument("--order", type=int, default=None, help="dpm++ order: 1, 2 or 3")
     p.add_argument(
@@ -78,12 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse and check the flags that need no run; raises UsageError naming the bad value."""
-    args = _parser().parse_args(argv)
+def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.Namespace:
+    """Parse and check the flags that need no run; raises UsageError naming the bad value.
+
+    ``prog``: the command that ``--help`` shows (default ``python -m diffjax.sample``).
+    """
+    args = _parser(prog).parse_args(argv)
     checks = [
         ("num", args.num, args.num is None or args.num >= 1, "an integer >= 1"),
-        ("sampler", args.sampler, args.sampler in (None, *_SAMPLERS), ", ".join(_SAMPLERS)),
+        (
+            "sampler",
+            args.sampler,
+            args.sampler in (None, *choices.SAMPLERS),
+            ", ".join(choices.SAMPLERS),
+        ),
         ("steps", args.steps, args.steps is None or args.steps >= 0, "an integer >= 0"),
         ("order", args.order, args.order in (None, *choices.DPM_ORDERS), "1, 2 or 3"),
         (
@@ -221,15 +224,19 @@ def _default_out(args: argparse.Namespace, step: int, sampler: str, steps: int) 
     return epath.Path(args.workdir) / "samples" / name
 
 
-def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, configure_runtime: bool = False, prog: str | None = None
+) -> int:
     """Run the command line; returns 0, or exits with status 2 on a usage error.
 
     ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype before
     any JAX computation and turn on the persistent compilation cache (the command line does; a
-    caller that already computed with JAX need not).
+    caller that already computed with JAX need not). ``prog``: the command ``--help`` shows
+    (``diffjax sample``; default ``python -m diffjax.sample``). Errors, bad flags included,
+    are one ``diffjax.sample: error: ...`` line (``diffjax.errors.exit_on_reportable_error``).
     """
-    try:
-        args = parse_args(argv)
+    with errors.exit_on_reportable_error(prog=_PROG):
+        args = parse_args(argv, prog)
         _check_workdir(args.workdir)
         if configure_runtime:
             dtype = cli.run_compute_dtype(args.workdir)
@@ -237,8 +244,6 @@ def main(argv: Sequence[str] | None = None, *, configure_runtime: bool = False) 
             cpu_runtime.enable_compilation_cache()
             cli.print_kernels(dtype)
         message = _run(args)
-    except UsageError as e:
-        _fail(str(e))
     print(message)
     return 0
 

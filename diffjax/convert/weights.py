@@ -47,7 +47,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import flax.traverse_util
 import jax
@@ -57,6 +57,7 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
+from diffjax import errors
 from diffjax.cli import common as cli
 from diffjax.convert.configs import (
     diffusion_config_from_scheduler,
@@ -321,25 +322,27 @@ def convert(
     return config
 
 
-def _fail(message: str) -> NoReturn:
-    cli.fail(_PROG, message)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> None:
+    """``python -m diffjax.convert --from=DIR --to=RUN``; errors: one line, exit status 2.
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m diffjax.convert --from=DIR --to=RUN``; errors: one line, exit status 2."""
-    parser = cli.OneLineParser(_PROG, description=__doc__.split("\n")[0])
+    ``prog``: the command ``--help`` shows (``diffjax convert``; default
+    ``python -m diffjax.convert``). Errors are one ``diffjax.convert: error: ...`` line
+    (``diffjax.errors.exit_on_reportable_error``).
+    """
+    parser = cli.OneLineParser(_PROG, prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="src", required=True, help="diffusers folder or Hub id")
     parser.add_argument("--to", dest="workdir", required=True, help="diffjax run directory")
     parser.add_argument("--ema_from", default=None, help="optional folder for ema_params")
     parser.add_argument("--dataset", default=None, help="data.name (default: from the folder)")
     parser.add_argument("--step", type=int, default=0, help="checkpoint step to record")
-    args = parser.parse_args(argv)
-    try:
-        config = convert(
-            args.src, args.workdir, ema_src=args.ema_from, dataset=args.dataset, step=args.step
-        )
-    except (ValueError, OSError) as e:
-        _fail(str(e))
+    with errors.exit_on_reportable_error(prog=_PROG):
+        args = parser.parse_args(argv)
+        try:
+            config = convert(
+                args.src, args.workdir, ema_src=args.ema_from, dataset=args.dataset, step=args.step
+            )
+        except (ValueError, OSError) as e:
+            raise cli.UsageError(str(e)) from None
     m, d = config.model, config.diffusion
     print(
         f"wrote {args.workdir}: {config.data.name} {config.data.image_size}px, ch={m.ch} "

@@ -18,6 +18,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from diffjax.data.registry import DatasetSpec, build_command, get_dataset_spec
+from diffjax.errors import ReportableError
 
 try:  # POSIX only; elsewhere concurrent first use relies on the atomic rename alone.
     import fcntl
@@ -25,8 +26,11 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 
-class DatasetNotPreparedError(FileNotFoundError):
-    """The dataset has no array_record files in `data_dir` yet."""
+class DatasetNotPreparedError(ReportableError, FileNotFoundError):
+    """The dataset has no array_record files in `data_dir` yet; the message holds the command.
+
+    A command line reports it as one ``error: ...`` line with exit status 1 (`ReportableError`).
+    """
 
 
 def default_data_dir() -> str:

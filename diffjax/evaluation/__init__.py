@@ -7,8 +7,10 @@
 - :mod:`diffjax.evaluation.fid`: Frechet distance, Inception Score, statistics files.
 - :mod:`diffjax.evaluation.digits_classifier`: a small MLP for grey labelled datasets and the
   Frechet distance in its feature space (not comparable to FID).
+- :mod:`diffjax.evaluation.run_metrics`: each metric of the command line over a restored run
+  (a function per metric over a ``MetricContext``); imported on its own, not from here.
 
-The command line is ``python -m diffjax.evaluate``.
+The command line is ``diffjax evaluate`` (or ``python -m diffjax.evaluate``).
 """
 
 from diffjax.evaluation.bpd import accumulate_bpd, bpd_batch, evaluate_bpd, make_bpd_step

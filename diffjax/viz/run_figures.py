@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from diffjax import errors
 from diffjax.cli import common as cli
 from diffjax.data import images
 from diffjax.viz.canvas import PathLike
@@ -115,13 +116,16 @@ def write_run_figures(
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """``python -m diffjax.viz --workdir=RUN``: write all figures of a run; print their paths.
 
-    A bad flag or an unusable run prints one line ``diffjax.viz: error: ...`` and exits with 2.
+    A bad flag or an unusable run prints one line ``diffjax.viz: error: ...`` and exits with 2
+    (``diffjax.errors.exit_on_reportable_error``). ``prog``: the command ``--help`` shows
+    (``diffjax viz``; default ``python -m diffjax.viz``).
     """
     parser = cli.OneLineParser(
         "diffjax.viz",
+        prog=prog,
         description="Write every figure of a trained run into RUN/figures; print their paths.",
     )
     parser.add_argument("--workdir", required=True, help="run directory (local or gs://)")
@@ -132,18 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--num_vlb_examples", type=int, default=64, help="test images for the bound (0: skip)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        paths = write_run_figures(
-            args.workdir,
-            step=args.step,
-            num_images=args.num_images,
-            num_samples=args.num_samples,
-            num_vlb_examples=args.num_vlb_examples,
-            seed=args.seed,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
+    with errors.exit_on_reportable_error(prog="diffjax.viz"):
+        args = parser.parse_args(argv)
+        try:
+            paths = write_run_figures(
+                args.workdir,
+                step=args.step,
+                num_images=args.num_images,
+                num_samples=args.num_samples,
+                num_vlb_examples=args.num_vlb_examples,
+                seed=args.seed,
+            )
+        except (FileNotFoundError, ValueError) as e:
+            raise cli.UsageError(str(e)) from None
     for name, p in paths.items():
         print(f"{name:10s} {p}")
     return 0
