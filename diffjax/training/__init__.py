@@ -1,6 +1,9 @@
 """Training: the loop (``loop.train_and_evaluate``), one update (``step``), its state
-(``state``), checkpoints (``checkpointing``), graceful stops (``preemption``), the run directory
-(``workdir``), metrics (``metrics``) and the hang detector (``watchdog``)."""
+(``state``), checkpoints (``checkpointing``), graceful stops (``preemption``, and the loop's side
+in ``stopping``), the run directory (``workdir``), metrics (``metrics``), the hang detector
+(``watchdog``), multi-host start-up (``multihost``); the pieces of the loop: its state between
+steps (``bookkeeping``), non-finite steps (``nonfinite``), throughput (``throughput``), periodic
+actions (``periodic``) and the outputs they write (``actions``)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from diffjax import models
+
 __all__ = [
     "TrainState",
     "create_learning_rate_fn",
@@ -71,14 +73,12 @@ _CPU_INIT_COMPILER_OPTIONS = {
 
 
 def init_params(model: Any, rng: jax.Array, image_size: int, channels: int) -> PyTree:
-    """float32 parameters of ``model`` for [1, image_size, image_size, channels] images.
-
-    The same values as ``diffjax.models.init_params``; on CPU the one-off program is compiled
-    without backend optimisations, which takes a third of the time.
+    """``diffjax.models.init_params`` (float32 parameters of ``model`` for
+    [1, image_size, image_size, channels] images), bitwise the same values; on CPU its one-off
+    program is compiled without backend optimisations, which takes a third of the time.
     """
-    x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)  # [1, H, W, C]
-    t = jnp.zeros((1,), jnp.int32)
-    init = jax.jit(lambda r: model.init({"params": r}, x, t, train=False)["params"])
+    # The models' jitted initialiser nests into this one, which carries the compiler options.
+    init = jax.jit(lambda r: models.init_params(model, r, image_size, channels))
     options = _CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     return init.lower(rng).compile(compiler_options=options)(rng)
 
