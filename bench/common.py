@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import metadata
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from diffjax.kernels import cpu_runtime, onednn, winograd
+from diffjax import kernels
+from diffjax.kernels import cpu_runtime
 from diffjax.models.unet import UNet
 
 # Before any JAX computation, as train.py does (diffjax/kernels/cpu_runtime.py). The YNNPACK
 # fusion types are chosen per program (``compiler_options`` in make_train_step), since a
-# benchmark may time both dtypes; DIFFJAX_REUSE_FREED_MEMORY=0 measures without malloc reuse
-# (for JAX and torch alike) and DIFFJAX_YNN_FUSIONS=0 with XLA's default fusions.
-REUSE_FREED_MEMORY = cpu_runtime.configure_memory()
-YNN_FUSIONS = cpu_runtime.env_enabled(cpu_runtime.FUSIONS_ENV)
+# benchmark may time both dtypes. Two A/B knobs of the benchmarks only (the library reads
+# neither): DIFFJAX_REUSE_FREED_MEMORY=0 measures without malloc reuse (for JAX and torch
+# alike), DIFFJAX_YNN_FUSIONS=0 with XLA's default fusions.
+REUSE_FREED_MEMORY = cpu_runtime.env_enabled("DIFFJAX_REUSE_FREED_MEMORY") and (
+    cpu_runtime.reuse_freed_memory()
+)
+YNN_FUSIONS = cpu_runtime.env_enabled("DIFFJAX_YNN_FUSIONS")
 
 # name -> (UNet fields, image size, channels). FLOPs per image are taken from XLA's cost analysis.
 WORKLOADS = {
@@ -55,9 +57,9 @@ WORKLOADS = {
 FP32_PEAK_GFLOPS = 166.0
 
 
-def make_model(name: str, dtype=jnp.float32) -> tuple[UNet, int, int]:
+def make_model(name: str, dtype=jnp.float32, kernels: str = "tuned") -> tuple[UNet, int, int]:
     fields, size, channels = WORKLOADS[name]
-    return UNet(**fields, dtype=dtype), size, channels
+    return UNet(**fields, dtype=dtype, kernels=kernels), size, channels
 
 
 def make_train_step(model: UNet, lr: float = 2e-4) -> tuple[Callable, optax.GradientTransformation]:
@@ -74,7 +76,11 @@ def make_train_step(model: UNet, lr: float = 2e-4) -> tuple[Callable, optax.Grad
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    options = cpu_runtime.compiler_options(jnp.dtype(model.dtype).name)
+    options = (
+        cpu_runtime.compiler_options(jnp.dtype(model.dtype).name, model.kernels)
+        if YNN_FUSIONS
+        else {}
+    )
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=options), opt
 
 
@@ -114,25 +120,13 @@ def flops_of(compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-@contextlib.contextmanager
-def direct_convolutions() -> Iterator[None]:
-    """Within: models traced anew compute every 3x3 convolution as XLA's ``conv_general_dilated``
-    (Winograd and oneDNN off), the form XLA's cost analysis counts FLOPs of."""
-    saved = winograd.WINOGRAD_MIN_CHANNELS, onednn.available
-    winograd.WINOGRAD_MIN_CHANNELS = {True: sys.maxsize, False: sys.maxsize}
-    onednn.available = lambda *dtype: False
-    try:
-        yield
-    finally:
-        winograd.WINOGRAD_MIN_CHANNELS, onednn.available = saved
-
-
 def model_flops(model: UNet, *args) -> float:
     """FLOPs of one ``make_train_step(model)`` call on ``args`` as the model defines them.
 
-    XLA's cost analysis of the step traced with direct 3x3 convolutions (Winograd off): the
-    Winograd layers compute the same convolutions with 2.25x fewer multiplications, and rates
-    are reported in the model's FLOPs so that they compare with torch's and across versions.
+    XLA's cost analysis of the step traced with the plain kernels (direct 3x3 convolutions):
+    the Winograd layers compute the same convolutions with 2.25x fewer multiplications, and
+    rates are reported in the model's FLOPs so that they compare with torch's and across
+    versions.
     (The lowered program's count is within 0.3% of the compiled one's.)
     """
     # Lowered for the CPU, whatever the default device: accelerator plugins (PJRT C API) do not
@@ -140,9 +134,8 @@ def model_flops(model: UNet, *args) -> float:
     # device's.
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
-    with direct_convolutions():
-        step, _ = make_train_step(model)  # a fresh jit, so a fresh trace
-        cost = step.lower(*abstract).cost_analysis()
+    step, _ = make_train_step(model.clone(kernels="plain"))
+    cost = step.lower(*abstract).cost_analysis()
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
@@ -150,7 +143,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def environment() -> str:
+def environment(kernels_name: str = "tuned") -> str:
+    """Device, versions, settings and the CPU kernels of ``kernels_name`` (model.kernels)."""
+
     def ver(pkg):
         try:
             return metadata.version(pkg)
@@ -167,6 +162,6 @@ def environment() -> str:
         f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}, "
         f"malloc reuses freed memory: {'yes' if REUSE_FREED_MEMORY else 'no'}, "
         f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}\n"
-        f"float32 {onednn.describe(jnp.float32)}\n"
-        f"bfloat16 {onednn.describe(jnp.bfloat16)}"
+        f"float32 {kernels.describe(kernels_name, 'float32')}\n"
+        f"bfloat16 {kernels.describe(kernels_name, 'bfloat16')}"
     )

@@ -1,10 +1,11 @@
 """One U-Net convolution's forward + backward as GPUs and TPUs run it, per operand/result dtype,
 with the kernels that ran.
 
-``layers.conv3x3_xla`` (XLA's convolution with the input and kernel gradients written out, the
+``diffjax.kernels.conv.conv3x3_xla`` (XLA's convolution with the input and kernel gradients
+written out, the
 form the U-Net uses off the CPU) on whatever device JAX finds: its output, input gradient and
 kernel gradient, for bfloat16 operands with float32 results, bfloat16 operands with bfloat16
-results (``layers.CONV_RESULT``'s choice on GPUs) and float32. Prints the median time of the
+results (``tuning.conv_result_in_compute_dtype`` on GPUs) and float32. Prints the median time of the
 three convolutions after warm-up, their rate in TFLOP/s (3 x the direct convolution's FLOPs) and
 the longest ops of a profiled call (``trace_summary.py``): cuDNN's kernel names carry the data
 types its tensor cores ran (``bf16bf16_bf16f32`` vs ``f32f32_tf32f32``).
@@ -28,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 from common import environment, median_seconds  # noqa: E402
 from trace_summary import summarize  # noqa: E402
 
-from diffjax.models import layers  # noqa: E402
+from diffjax.kernels import conv as layers  # noqa: E402
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 

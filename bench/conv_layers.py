@@ -2,7 +2,8 @@
 
 The convolutions are read from the model's jaxpr traced with direct convolutions (shape,
 stride, how often each occurs), then each distinct one is timed alone as diffjax computes it in
-float32 (``layers.conv3x3_algorithm``: Winograd F(4x4, 3x3) or F(2x2, 3x3), oneDNN or XLA's
+float32 (``diffjax.kernels.conv.conv3x3_algorithm``: Winograd F(4x4, 3x3) or F(2x2, 3x3),
+oneDNN or XLA's
 ``conv_general_dilated``, NHWC, compiled with ``cpu_runtime``'s float32 fusion types), forward
 and its VJP (input + kernel gradient), against torch's ``nn.Conv2d`` (NCHW, float32) forward
 and forward + backward, same threads. GFLOP/s count the direct convolution's FLOPs. The
@@ -28,24 +29,23 @@ import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from common import (  # noqa: E402
     WORKLOADS,
-    direct_convolutions,
     environment,
     make_model,
     median_seconds,
 )
 
+from diffjax.kernels import conv as layers  # noqa: E402
 from diffjax.kernels import cpu_runtime  # noqa: E402
-from diffjax.models import init_params, layers  # noqa: E402
+from diffjax.models import init_params  # noqa: E402
 
 
 def conv_shapes(name: str, batch: int) -> collections.Counter:
     """(input [B, H, W, C], kernel [kh, kw, C, O], stride) -> occurrences in one forward pass."""
-    model, size, channels = make_model(name)
+    model, size, channels = make_model(name, kernels="plain")  # every 3x3 convolution direct
     params = init_params(model, jax.random.key(0), size, channels)
     x = jnp.zeros((batch, size, size, channels))
     t = jnp.zeros((batch,), jnp.int32)
-    with direct_convolutions():  # every 3x3 convolution as conv_general_dilated
-        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
     found = collections.Counter()
 
     def visit(jpr):
@@ -71,10 +71,10 @@ def time_conv(xs: tuple, ks: tuple, strides: tuple, runs: int) -> tuple:
     oh, ow = -(-h // sh), -(-w // sw)
     flops = 2.0 * b * oh * ow * kh * kw * c * o
 
-    algorithm = layers.conv3x3_algorithm(xs, o, sh, jnp.float32, "cpu")
+    algorithm = layers.conv3x3_algorithm(xs, o, sh, jnp.float32, "cpu", False)
 
     def conv(x, k):
-        return layers._CONV3X3[algorithm](x, k, sh, jnp.float32, "cpu")
+        return layers._CONV3X3[algorithm](x, k, sh, jnp.float32, "cpu", False)
 
     x = jax.random.normal(jax.random.key(0), xs)
     k = jax.random.normal(jax.random.key(1), ks) * 0.05

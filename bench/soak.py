@@ -47,6 +47,8 @@ DTYPES = ("float32", "bfloat16")
 OPS = ("init", "eager_apply", "jit_apply", "train_step", "ddpm", "ddim")
 BATCHES = (1, 2, 7, 64, 200, 500)
 DEVICES = (1, 2)
+# model.kernels of the child processes (the parent sets it from --onednn).
+KERNELS_ENV = "DIFFJAX_SOAK_KERNELS"
 # The soak's own check (tests/test_soak.py): a child that stalls without CPU, one that aborts.
 SELF_TEST_OPS = ("selftest_hang", "selftest_crash")
 
@@ -174,21 +176,22 @@ def run_cell(cell: Cell) -> str:
 
     from diffjax.kernels import cpu_runtime
 
-    cpu_runtime.configure(cell.dtype)  # as the entry points do
+    cpu_runtime.configure(cell.dtype, os.environ.get(KERNELS_ENV, "tuned"))  # as entry points do
 
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import jax_utils
 
+    from diffjax import kernels as K
     from diffjax.core import sampling
     from diffjax.core.schedules import make_schedule
-    from diffjax.kernels import onednn
     from diffjax.models import create_model
     from diffjax.training import state as train_state
     from diffjax.training import step as train_step
 
     config = _config(cell.workload, cell.dtype)
+    config.model.kernels = os.environ.get(KERNELS_ENV, "tuned")
     model = create_model(config)
     size, channels = config.data.image_size, config.data.channels
     n = jax.local_device_count()
@@ -196,7 +199,7 @@ def run_cell(cell: Cell) -> str:
     key = jax.random.key(0)
     x = jax.random.normal(key, (batch, size, size, channels))  # [B, H, W, C]
     t = jnp.arange(batch, dtype=jnp.int32) * 7 % 1000  # [B]
-    kernels = onednn.describe(jnp.dtype(cell.dtype))
+    kernels = K.describe(config.model.kernels, cell.dtype)
 
     if cell.op == "init":
         out = model.init({"params": key, "dropout": key}, x, t, train=False)["params"]
@@ -262,9 +265,7 @@ def child_env(cell: Cell, isa: str | None, onednn: str) -> dict[str, str]:
         flags = [f for f in flags if not f.startswith("--xla_cpu_max_isa")]
         flags.append(f"--xla_cpu_max_isa={isa}")
     env["XLA_FLAGS"] = " ".join(flags)
-    env.pop("DIFFJAX_ONEDNN", None)
-    if onednn == "on":
-        env["DIFFJAX_ONEDNN"] = "1"
+    env[KERNELS_ENV] = "onednn" if onednn == "on" else "tuned"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     return env
 

@@ -34,11 +34,14 @@ from common import (  # noqa: E402
     peak_rss_mib,
 )
 
+from diffjax.choices import KERNELS  # noqa: E402
 from diffjax.models import init_params  # noqa: E402
 
 
-def bench_one(name: str, batch: int, dtype: str, warmup: int, runs: int) -> dict:
-    model, size, channels = make_model(name, getattr(jnp, dtype))
+def bench_one(
+    name: str, batch: int, dtype: str, warmup: int, runs: int, kernels: str = "tuned"
+) -> dict:
+    model, size, channels = make_model(name, getattr(jnp, dtype), kernels)
     params = init_params(model, jax.random.key(0), size, channels)
     step, opt = make_train_step(model)
     state = [params, opt.init(params)]
@@ -79,6 +82,12 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="tuned",
+        help="model.kernels: the tuned kernels (default), the plain reference, or oneDNN",
+    )
     args = p.parse_args()
     names = args.workloads.split(",")
     batches = [[int(b) for b in s.split(":")] for s in args.batches.split(",")]
@@ -88,7 +97,7 @@ def main() -> None:
         if n not in WORKLOADS:
             raise SystemExit(f"unknown workload {n!r}; allowed: {', '.join(WORKLOADS)}")
 
-    print(environment())
+    print(environment(args.kernels))
     mm = matmul_gflops()
     print(
         f"nominal fp32 peak {FP32_PEAK_GFLOPS:.0f} GFLOP/s (%pk); measured float32 matmul rate "
@@ -103,7 +112,7 @@ def main() -> None:
     for name, bs in zip(names, batches, strict=True):
         for batch in bs:
             for dtype in args.dtypes.split(","):
-                r = bench_one(name, batch, dtype, args.warmup, args.runs)
+                r = bench_one(name, batch, dtype, args.warmup, args.runs, args.kernels)
                 print(
                     f"{r['workload']:9s} {r['batch']:5d} {r['dtype']:9s} {r['median_s']:9.3f} "
                     f"{r['img_s']:8.1f} {r['gflop_step']:10.1f} {r['gflops']:8.1f} "

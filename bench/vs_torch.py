@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     peak_rss_mib,
 )
 
+from diffjax.choices import KERNELS  # noqa: E402
 from diffjax.models import init_params  # noqa: E402
 
 
@@ -78,6 +79,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtypes", default="float32", help="JAX compute dtypes (comma-separated)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="tuned",
+        help="model.kernels: the tuned kernels (default), the plain reference, or oneDNN",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
@@ -85,7 +92,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(environment())
+    print(environment(args.kernels))
     print(
         f"torch threads: {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
@@ -97,7 +104,7 @@ def main() -> None:
             raise SystemExit(f"unknown dtype {d!r}; allowed: float32, bfloat16")
     jax_steps = {}
     for d in dtypes:
-        model, size, channels = make_model(args.workload, getattr(jnp, d))
+        model, size, channels = make_model(args.workload, getattr(jnp, d), args.kernels)
         params = init_params(model, jax.random.key(0), size, channels)
         n_jax = sum(x.size for x in jax.tree.leaves(params))
         step, opt = make_train_step(model)

@@ -13,8 +13,8 @@ from _tiny_unet import tiny_unet_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffjax.kernels import conv as L
 from diffjax.kernels import normalization as N
-from diffjax.models import layers as L
 
 BF16 = jnp.bfloat16
 

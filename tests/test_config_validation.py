@@ -37,6 +37,7 @@ def _valid_config() -> ml_collections.ConfigDict:
         dropout=0.1,
         resamp_with_conv=True,
         dtype="float32",
+        kernels="tuned",
         num_classes=0,
         num_groups=32,
     )
@@ -119,6 +120,7 @@ SINGLE_PROBLEMS = [
     ("model.num_groups", 0, ["integer >= 1"]),
     ("model.ch_mult", (), ["non-empty"]),
     ("model.dtype", "float16", ["float32", "bfloat16"]),
+    ("model.kernels", "fast", ["tuned", "plain", "onednn"]),
     ("model.dropout", 1.0, ["[0, 1)"]),
     ("model.num_classes", -1, [">= 0"]),
     ("data.num_classes", -2, [">= 0"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -69,26 +70,30 @@ def test_fusion_types_by_dtype_and_jaxlib_version():
         cpu_runtime.ynn_fusion_types("float16", "0.10.2")
 
 
-def test_configure_appends_the_flag_once_and_respects_the_environment(monkeypatch):
-    monkeypatch.setenv(cpu_runtime.REUSE_ENV, "0")  # leave this process's malloc alone
+def test_configure_appends_the_flag_once_and_nothing_for_plain_kernels(monkeypatch):
+    # reuse_memory=False: leave this process's malloc alone.
+    configure = functools.partial(cpu_runtime.configure, reuse_memory=False)
     monkeypatch.setattr("jaxlib.version.__version__", "0.10.2")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    applied = cpu_runtime.configure("float32")
+    applied = configure("float32")
     assert applied == [
         f"{cpu_runtime.YNN_FLAG}={cpu_runtime.ynn_fusion_types('float32', '0.10.2')}"
     ]
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + applied[0]
-    assert cpu_runtime.configure("float32") == []  # already there: not added twice
+    assert configure("float32") == []  # already there: not added twice
     # A user's own value of the flag wins.
     monkeypatch.setenv("XLA_FLAGS", f"{cpu_runtime.YNN_FLAG}=LIBRARY_FUSION_TYPE_REDUCE")
-    assert cpu_runtime.configure("float32") == []
+    assert configure("float32") == []
     assert os.environ["XLA_FLAGS"] == f"{cpu_runtime.YNN_FLAG}=LIBRARY_FUSION_TYPE_REDUCE"
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert cpu_runtime.configure("bfloat16") == []  # XLA's default is the faster one
-    assert cpu_runtime.configure("float16") == []  # config validation reports bad dtypes
-    monkeypatch.setenv(cpu_runtime.FUSIONS_ENV, "off")
-    assert cpu_runtime.configure("float32") == [] and os.environ["XLA_FLAGS"] == ""
-    assert cpu_runtime.compiler_options("float32") == {}
+    assert configure("bfloat16") == []  # XLA's default is the faster one
+    assert configure("float16") == []  # config validation reports bad dtypes
+    # The plain kernels change no setting at all (malloc included).
+    assert cpu_runtime.configure("float32", "plain") == [] and os.environ["XLA_FLAGS"] == ""
+    assert cpu_runtime.compiler_options("float32", "plain") == {}
+    assert cpu_runtime.compiler_options("float32", "onednn") == cpu_runtime.compiler_options(
+        "float32"
+    )
 
 
 def test_float32_fusion_types_change_no_loss_or_gradient(monkeypatch):

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffjax.kernels.normalization import GroupNorm, group_norm
+from diffjax.kernels.normalization import group_norm
+from diffjax.models.layers import GroupNorm
 
 EPS = 1e-6
 

@@ -21,16 +21,10 @@ from _conv_reference import (
 from _tiny_unet import tiny_unet_loss
 from hypothesis import given, settings
 
+from diffjax import kernels
+from diffjax.kernels import conv as C
 from diffjax.kernels import cpu_runtime, onednn
 from diffjax.models import layers as L
-
-
-@pytest.fixture(autouse=True)
-def _opt_in(monkeypatch):
-    # The kernels are opt-in: every test here runs with the switch on, from fresh traces (JAX
-    # caches the traces of custom VJP rules made with the switch off by other tests).
-    monkeypatch.setenv(onednn.ENV, "1")
-    jax.clear_caches()
 
 
 def test_supported_on_avx512_with_the_checked_jaxlib():
@@ -43,7 +37,6 @@ def test_supported_on_avx512_with_the_checked_jaxlib():
     for dtype in (jnp.float32, jnp.bfloat16):
         expected = allowed and onednn.isa_problem(dtype, flags, limit) is None
         assert onednn.supported(dtype) == expected, onednn.unsupported_reason(dtype)
-        assert onednn.available(dtype) == expected
 
 
 # CPU flags of the three kinds of machine the gate tells apart.
@@ -72,43 +65,44 @@ def test_isa_gate(flags, limit, f32_ok, bf16_ok):
     assert onednn.isa_problem(jnp.float16, _AVX512_BF16, None) is not None  # no such path
 
 
-def _available_in_subprocess(env: dict[str, str]) -> list[str]:
-    code = (
-        "import jax.numpy as jnp; from diffjax.kernels import onednn\n"
-        "print(onednn.available(jnp.float32), onednn.available(jnp.bfloat16))\n"
-        "print(onednn.describe(jnp.float32))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+def _onednn_in_jaxpr(name: str, dtype) -> bool:
+    """Whether a tiny U-Net's gradient, with kernels ``name``, contains oneDNN calls."""
+    loss, params = tiny_unet_loss(dtype, kernels=name)
+    return "onednn" in str(jax.make_jaxpr(jax.grad(loss))(params))
 
 
 def test_off_by_default_and_on_only_by_the_switch():
-    env = {k: v for k, v in os.environ.items() if k != onednn.ENV}
-    flags, line = _available_in_subprocess(env)
-    assert flags == "False False"
-    assert "XLA's convolutions" in line and "the default" in line
-    flags, line = _available_in_subprocess({**env, onednn.ENV: "0"})
-    assert flags == "False False"
-    flags, line = _available_in_subprocess({**env, onednn.ENV: "1"})
-    assert flags == f"{onednn.supported(jnp.float32)} {onednn.supported(jnp.bfloat16)}"
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert not _onednn_in_jaxpr("tuned", dtype)
+        assert not _onednn_in_jaxpr("plain", dtype)
+        assert _onednn_in_jaxpr("onednn", dtype) == onednn.supported(dtype)
+    assert "the default" in kernels.describe("tuned") and "XLA's" in kernels.describe("tuned")
+    line = kernels.describe("onednn")
     assert ("oneDNN convolutions" in line) == onednn.supported(jnp.float32)
 
 
 def test_held_to_avx2_the_switch_is_refused_with_the_reason():
-    env = {**os.environ, onednn.ENV: "1", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    flags, line = _available_in_subprocess(env)
-    assert flags == "False False"
-    assert "ignored" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
+    code = (
+        "from diffjax import kernels\n"
+        "print(kernels.describe('onednn', 'float32'))\n"
+        "print(kernels.select('onednn', 'cpu').conv3x3 is not None)"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.splitlines()[0]
+    assert "refused" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
 
 
 def test_other_jaxlib_versions_fall_back(monkeypatch):
     monkeypatch.setattr(onednn, "JAXLIB_VERSIONS", ("0.0.",))
     onednn._unsupported_reason.cache_clear()
     try:
-        assert not onednn.available(jnp.float32)
+        assert not onednn.supported(jnp.float32)
         assert "not one of the checked" in onednn.unsupported_reason(jnp.float32)
-        assert "XLA's convolutions" in onednn.describe(jnp.float32)
+        assert "refused" in kernels.describe("onednn")
     finally:
         monkeypatch.undo()
         onednn._unsupported_reason.cache_clear()
@@ -134,7 +128,7 @@ def test_an_unsupported_call_is_refused_when_emitted(monkeypatch):
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _onednn_and_vjp(x, w, g, strides, dtype):
-    conv = lambda a, b: L.conv3x3_onednn(a, b, strides, dtype)  # noqa: E731
+    conv = lambda a, b: C.conv3x3_onednn(a, b, strides, dtype)  # noqa: E731
     return conv_and_grads(conv, x.astype(dtype), w, g)
 
 
@@ -169,7 +163,7 @@ def test_vmap_over_inputs_and_over_kernels():
 
 @needs_onednn
 def test_conv3x3_module_runs_on_onednn_outside_the_winograd_rule():
-    conv = L.Conv3x3(features=8, strides=2)
+    conv = L.Conv3x3(features=8, strides=2, kernels="onednn")
     x = jax.random.normal(jax.random.key(7), (2, 8, 8, 4))
     params = conv.init(jax.random.key(8), x)["params"]
     jaxpr = str(jax.make_jaxpr(lambda p: conv.apply({"params": p}, x))(params))
@@ -179,19 +173,13 @@ def test_conv3x3_module_runs_on_onednn_outside_the_winograd_rule():
 
 
 @needs_onednn
-def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
+def test_unet_gradients_are_the_same_with_and_without_onednn():
     # The whole network (convolutions, attention products, projections) on oneDNN vs on XLA's
     # ops: the same function, so the same loss and gradients up to float32 summation order.
-    loss, params = tiny_unet_loss()
-
-    def traced_with_onednn():
-        return "onednn" in str(jax.make_jaxpr(jax.grad(loss))(params))
-
-    assert traced_with_onednn()
+    assert _onednn_in_jaxpr("onednn", jnp.float32)
+    loss, params = tiny_unet_loss(kernels="onednn")
     fast = jax.jit(jax.value_and_grad(loss))(params)
-    monkeypatch.setenv(onednn.ENV, "0")
-    jax.clear_caches()  # JAX caches the traces of custom VJP rules
-    assert not traced_with_onednn()
+    loss, params = tiny_unet_loss(kernels="tuned")
     slow = jax.jit(jax.value_and_grad(loss))(params)
     # Sums of O(100) float32 terms in another order: ~1e-6 relative. Some leaves' gradients are
     # 0 in exact arithmetic (biases that GroupNorm removes) and rounding noise here, so the
@@ -208,7 +196,7 @@ def test_unet_gradients_are_the_same_with_and_without_onednn(monkeypatch):
     "dtype, m",
     [(jnp.float32, 2), pytest.param(jnp.bfloat16, 2, marks=needs_onednn_bf16), (jnp.float32, 4)],
 )
-def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype, m):
+def test_winograd_products_on_onednn_and_on_xla_agree(dtype, m):
     # Winograd's three batched products go through onednn.bmm: the same convolution and
     # gradients whichever engine runs them.
     from diffjax.kernels import winograd
@@ -218,18 +206,17 @@ def test_winograd_products_on_onednn_and_on_xla_agree(monkeypatch, dtype, m):
     w = jax.random.normal(kw, (3, 3, 32, 24))
     g = jax.random.normal(kg, (2, 16, 16, 24))
 
-    def outputs(a, b):
-        return conv_and_grads(lambda a, b: winograd.conv3x3_winograd(a, b, dtype, m), a, b, g)
+    def run(use_onednn):
+        def outputs(a, b):
+            conv = lambda a, b: winograd.conv3x3_winograd(a, b, dtype, m, use_onednn)  # noqa: E731
+            return conv_and_grads(conv, a, b, g)
 
-    def run():
         jaxpr = str(jax.make_jaxpr(outputs)(x.astype(dtype), w))
         got = jax.jit(outputs)(x.astype(dtype), w)
         return "onednn_matmul" in jaxpr, [np.asarray(v, np.float32) for v in got]
 
-    on, fast = run()
-    monkeypatch.setenv(onednn.ENV, "0")
-    jax.clear_caches()  # JAX caches the traces of the custom VJP's rules
-    off, slow = run()
+    on, fast = run(True)
+    off, slow = run(False)
     assert on and not off
     # float32: the same sums in another order (~1e-6 relative); bfloat16 operands are the same
     # bfloat16 values in both, accumulated in float32: again ~1e-6. 1e-4 of the largest value

@@ -18,7 +18,11 @@ from _conv_reference import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffjax.kernels import conv as C
+from diffjax.kernels import elementwise as E
+from diffjax.kernels import matmul as M
 from diffjax.kernels import winograd as W
+from diffjax.kernels.tuning import TUNING
 from diffjax.models import create_model, init_params
 from diffjax.models import layers as L
 from diffjax.models.unet import AttnBlock, ResnetBlock, UNet, timestep_embedding
@@ -113,8 +117,8 @@ def test_timestep_embedding_matches_float64_formula():
 
 def test_dropout_mask_rate_and_independence():
     n = 200_000
-    m1 = np.asarray(L.dropout_mask(jax.random.key(0), (n,), 0.1))
-    m2 = np.asarray(L.dropout_mask(jax.random.key(1), (n,), 0.1))
+    m1 = np.asarray(E.dropout_mask(jax.random.key(0), (n,), 0.1))
+    m2 = np.asarray(E.dropout_mask(jax.random.key(1), (n,), 0.1))
     # Binomial: std of the dropped fraction is sqrt(0.09 / n) = 6.7e-4; 5 sigma = 3.4e-3.
     for m in (m1, m2):
         assert abs((1 - m.mean()) - 0.1) < 3.4e-3
@@ -139,10 +143,10 @@ def test_custom_vjp_products_match_autodiff_of_reference_ops():
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
 
     cases = [
-        (lambda x, w: L.conv3x3_dots(x, w, jnp.float32), ref_conv, x, w, g),
-        (lambda a, b: L.linear(a, b, jnp.float32), lambda a, b: a @ b, x, w[0, 0], g),
-        (L.bmm_nt, lambda a, b: jnp.einsum("bnk,bmk->bnm", a, b), x[:, 0], x[:, 1], x[:, 2, :, :6]),
-        (L.bmm_nn, lambda a, b: jnp.einsum("bnk,bkm->bnm", a, b), x[:, 0], w[0, :2], g[:, 0]),
+        (lambda x, w: C.conv3x3_dots(x, w, jnp.float32), ref_conv, x, w, g),
+        (lambda a, b: M.linear(a, b, jnp.float32), lambda a, b: a @ b, x, w[0, 0], g),
+        (M.bmm_nt, lambda a, b: jnp.einsum("bnk,bmk->bnm", a, b), x[:, 0], x[:, 1], x[:, 2, :, :6]),
+        (M.bmm_nn, lambda a, b: jnp.einsum("bnk,bkm->bnm", a, b), x[:, 0], w[0, :2], g[:, 0]),
     ]
     for fn, ref, a, b, ct in cases:
         out, vjp = jax.vjp(fn, a, b)
@@ -154,7 +158,7 @@ def test_custom_vjp_products_match_autodiff_of_reference_ops():
     # bfloat16 operands, float32 accumulation: relative error ~ unit roundoff 2^-9 = 2e-3 of the
     # inputs (random-walk over 72 terms keeps it there); 1e-2 flags a float32-less accumulation.
     xb = x.astype(jnp.bfloat16)
-    out, vjp = jax.vjp(lambda a, b: L.conv3x3_dots(a, b, jnp.bfloat16), xb, w)
+    out, vjp = jax.vjp(lambda a, b: C.conv3x3_dots(a, b, jnp.bfloat16), xb, w)
     ref_out, ref_vjp = jax.vjp(ref_conv, x, w)
     for got, want in zip((out, *vjp(g)), (ref_out, *ref_vjp(g)), strict=True):
         got = jnp.asarray(got, jnp.float32)
@@ -165,11 +169,11 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
     kx, kw, kg = jax.random.split(jax.random.key(5), 3)
     x = jax.random.normal(kx, (6, 32, 32, 3))  # 6 x 1024 pixels: 3 chunks of 2 images
     w = jax.random.normal(kw, (3, 3, 3, 5))
-    assert L.kernel_grad_chunks(6, 32 * 32) == 3
+    assert C.kernel_grad_chunks(6, 32 * 32) == 3
     dn = ("NHWC", "HWIO", "NHWC")
     for s in (1, 2):
         g = jax.random.normal(kg, (6, 32 // s, 32 // s, 5))
-        out, vjp = jax.vjp(lambda a, b, s=s: L.conv3x3_xla(a, b, s, jnp.float32, 3), x, w)
+        out, vjp = jax.vjp(lambda a, b, s=s: C.conv3x3_xla(a, b, s, jnp.float32, 3), x, w)
         ref = lambda a, b, s=s: jax.lax.conv_general_dilated(
             a, b, (s, s), "SAME", dimension_numbers=dn
         )
@@ -183,7 +187,7 @@ def test_conv3x3_xla_chunked_kernel_grad_matches_autodiff():
     # bfloat16 compute: the input gradient comes back in the input dtype, the kernel gradient
     # in float32 (the parameter's dtype).
     dx, dk = jax.vjp(
-        lambda a, b: L.conv3x3_xla(a, b, 1, jnp.bfloat16, 3), x.astype(jnp.bfloat16), w
+        lambda a, b: C.conv3x3_xla(a, b, 1, jnp.bfloat16, 3), x.astype(jnp.bfloat16), w
     )[1](jax.random.normal(kg, (6, 32, 32, 5)))
     assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
 
@@ -343,17 +347,17 @@ def test_conv3x3_algorithm_by_platform_dtype_and_shape():
         (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "tpu", True), "xla"),
     ]
     for args, want in cases:
-        assert L.conv3x3_algorithm(*args) == want, args
+        assert C.conv3x3_algorithm(*args) == want, args
 
 
 def test_kernel_grad_chunks_divide_the_batch_into_large_enough_pieces():
     for batch in (1, 2, 7, 16, 32, 64, 96, 512):
         for pixels in (16, 64, 256, 1024, 4096):
-            n = L.kernel_grad_chunks(batch, pixels)
-            assert 1 <= n <= L.KERNEL_GRAD_MAX_CHUNKS and batch % n == 0
+            n = C.kernel_grad_chunks(batch, pixels)
+            assert 1 <= n <= TUNING.kernel_grad_max_chunks and batch % n == 0
             if n > 1:  # never split below the cache-friendly size
-                assert (batch // n) * pixels >= L.KERNEL_GRAD_CHUNK_PIXELS
-    assert L.kernel_grad_chunks(32, 1024) == 16  # the measured case: 2-image chunks
+                assert (batch // n) * pixels >= TUNING.kernel_grad_chunk_pixels
+    assert C.kernel_grad_chunks(32, 1024) == 16  # the measured case: 2-image chunks
 
 
 def test_group_count_decides_whether_a_resblock_sees_the_timestep():
@@ -404,7 +408,7 @@ def test_softmax_and_its_vjp_match_the_float64_closed_form(rows, cols, offset, s
     # float64 closed form of the float32 logits, so only the computation's own error remains.
     s = (rng.normal(0.0, 3.0, (rows, cols)) + offset).astype(np.float32).astype(np.float64)
     g = rng.normal(0.0, 1.0, (rows, cols)).astype(np.float32).astype(np.float64)
-    p, vjp = jax.vjp(L.softmax, jnp.asarray(s, jnp.float32))
+    p, vjp = jax.vjp(M.softmax, jnp.asarray(s, jnp.float32))
     (ds,) = vjp(jnp.asarray(g, jnp.float32))
     e = np.exp(s - s.max(-1, keepdims=True))
     want_p = e / e.sum(-1, keepdims=True)
@@ -419,22 +423,20 @@ def test_softmax_and_its_vjp_match_the_float64_closed_form(rows, cols, offset, s
     np.testing.assert_allclose(np.asarray(p).sum(-1), 1.0, atol=1e-5)
 
 
-def test_dense_scale_multiplies_the_float32_result_before_rounding():
+def test_dense_result_dtype_keeps_the_float32_sum_unrounded():
     x = jax.random.normal(jax.random.key(7), (3, 5, 16))
-    plain, scaled = L.Dense(8), L.Dense(8, scale=0.125)
-    params = _randomize(plain.init(jax.random.key(0), x), std=0.3)
-    assert jax.tree.structure(params) == jax.tree.structure(scaled.init(jax.random.key(0), x))
-    want = 0.125 * np.asarray(plain.apply(params, x))  # a power of two: exact in float32
-    np.testing.assert_array_equal(scaled.apply(params, x), want)
-    # bfloat16 compute: the float32 result, scaled, is rounded to bfloat16 once: within half a
-    # bfloat16 ulp (2^-8 relative) of the float64 value from the same bfloat16 operands, plus
-    # float32 accumulation error (~1e-6).
-    third = L.Dense(8, jnp.bfloat16, scale=1 / 3)
-    got = np.asarray(third.apply(params, x), np.float64)
+    rounded, kept = L.Dense(8, jnp.bfloat16), L.Dense(8, jnp.bfloat16, result_dtype=jnp.float32)
+    params = _randomize(rounded.init(jax.random.key(0), x), std=0.3)
+    assert jax.tree.structure(params) == jax.tree.structure(kept.init(jax.random.key(0), x))
+    got = kept.apply(params, x)
+    assert got.dtype == jnp.float32 and rounded.apply(params, x).dtype == jnp.bfloat16
+    # The bfloat16 result is the float32 one rounded once.
+    np.testing.assert_array_equal(rounded.apply(params, x), got.astype(jnp.bfloat16))
+    # float32 accumulation of products of the same bfloat16 operands: within ~1e-6 of float64.
     p = params["params"]
     x16, k16 = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, p["kernel"]))
-    want = (x16 @ k16 + np.asarray(p["bias"], np.float64)) / 3
-    assert np.all(np.abs(got - want) <= 2.0**-8 * np.abs(want) + 1e-6)
+    want = x16 @ k16 + np.asarray(p["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
 
 
 def test_dropout_only_when_training(tiny):
@@ -534,8 +536,13 @@ def test_one_trace_per_shape(tiny):
             None,
             r"image size 9x9 not divisible by 2\*\*\(len\(ch_mult\)-1\) = 2",
         ),
-        ({"attn_resolutions": (16, 8)}, (1, 32, 32, 1), None, r"resolution 8 never .*\[32, 16\]"),
-        ({"ch": 48}, (1, 32, 32, 1), None, "channel count 48 .* 32 GroupNorm groups"),
+        (
+            {"attn_resolutions": (16, 8)},
+            (1, 32, 32, 1),
+            None,
+            r"resolutions \[8\] never .*\[32, 16\]",
+        ),
+        ({"ch": 48}, (1, 32, 32, 1), None, r"channel counts \[48\] .* 32 GroupNorm groups"),
         ({"ch_mult": (1, 2, 2, 2)}, (1, 12, 12, 1), None, "image size 12x12 .* = 8"),
         ({}, (1, 32, 32, 1), jnp.array([0]), "unconditional"),
         ({"dtype": jnp.float16}, (1, 32, 32, 1), None, "unsupported dtype float16"),
@@ -564,7 +571,7 @@ def test_add_per_sample_and_its_gradients_match_float64(shape, bf16, seed):
     b, _, _, c = shape
     h, g = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
     t = jnp.asarray(rng.normal(size=(b, c)), dtype)
-    out, vjp = jax.vjp(L.add_per_sample, h, t)
+    out, vjp = jax.vjp(E.add_per_sample, h, t)
     dh, dt = vjp(g)
     assert out.dtype == dh.dtype == dt.dtype == dtype
     h64, t64, g64 = (np.asarray(a, np.float64) for a in (h, t, g))

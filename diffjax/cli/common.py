@@ -84,20 +84,28 @@ def watchdog_settings(args: argparse.Namespace) -> WatchdogSettings:
     return WatchdogSettings(**values)
 
 
-def print_kernels(compute_dtype: str) -> None:
+def print_kernels(compute_dtype: str, kernels: str = "tuned") -> None:
     """On a CPU backend, say once on stderr which convolutions and products the run uses."""
     import jax
 
-    from diffjax.kernels import onednn
+    from diffjax import kernels as kernel_switch
 
     if jax.default_backend() == "cpu":
-        print(onednn.describe(compute_dtype), file=sys.stderr)
+        print(kernel_switch.describe(kernels, compute_dtype), file=sys.stderr)
 
 
 def run_compute_dtype(workdir: str) -> str:
     """The run's compute dtype (``model.dtype`` of its config.json; float32 if absent)."""
-    config = json.loads((epath.Path(workdir) / "config.json").read_text())
-    return config.get("model", {}).get("dtype", "float32")
+    return _run_model(workdir).get("dtype", "float32")
+
+
+def run_kernels(workdir: str) -> str:
+    """The run's kernels (``model.kernels`` of its config.json; "tuned" if absent)."""
+    return _run_model(workdir).get("kernels", "tuned")
+
+
+def _run_model(workdir: str) -> dict:
+    return json.loads((epath.Path(workdir) / "config.json").read_text()).get("model", {})
 
 
 def check_run_dir(workdir: str) -> None:

@@ -209,7 +209,7 @@ def main(
 ) -> int:
     """Run the command line; returns 0, or exits with status 2 on a usage error.
 
-    ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's compute dtype before
+    ``configure_runtime``: apply ``cpu_runtime.configure`` for the run's dtype and kernels before
     any JAX computation and turn on the persistent compilation cache (the command line does; a
     caller that already computed with JAX need not). ``prog``: the command ``--help`` shows
     (``diffjax evaluate``; default ``python -m diffjax.evaluate``). Errors, bad flags included,
@@ -219,10 +219,10 @@ def main(
         args = parse_args(argv, prog)
         _check_files(args)
         if configure_runtime:
-            dtype = cli.run_compute_dtype(args.workdir)
-            cpu_runtime.configure(dtype)
+            dtype, kernels = cli.run_compute_dtype(args.workdir), cli.run_kernels(args.workdir)
+            cpu_runtime.configure(dtype, kernels)
             cpu_runtime.enable_compilation_cache()
-            cli.print_kernels(dtype)
+            cli.print_kernels(dtype, kernels)
         message = _run(args)
     print(message)
     return 0

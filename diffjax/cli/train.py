@@ -101,7 +101,7 @@ def _train(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     # Before any JAX computation: XLA:CPU's settings for speed (diffjax/kernels/cpu_runtime.py),
     # then this process joins the other processes of a multi-host run.
-    cpu_runtime.configure(_CONFIG.value.model.dtype)
+    cpu_runtime.configure(_CONFIG.value.model.dtype, _CONFIG.value.model.kernels)
     cpu_runtime.enable_compilation_cache()
     training.initialize_distributed()
     workdir = _WORKDIR.value or default_workdir(

@@ -6,7 +6,8 @@ what differs, so the schema is written once. Sections and keys:
 - ``data``: name, data_dir (None: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), image_size,
   channels, random_flip, train_split, eval_split, num_classes (0 = ignore labels).
 - ``model``: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv, dtype
-  ("float32" | "bfloat16": compute only, parameters stay float32), num_classes (0 =
+  ("float32" | "bfloat16": compute only, parameters stay float32), kernels ("tuned" | "plain" |
+  "onednn", ``diffjax.kernels``), num_classes (0 =
   unconditional), num_groups (GroupNorm groups; ch and every ch * mult must be multiples).
 - ``diffusion``: schedule, num_timesteps, mean_type, var_type, loss_type.
 - ``training``: num_train_steps, batch_size (global), seed, checkpoint_every_steps,
@@ -55,6 +56,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     model.dropout = 0.1
     model.resamp_with_conv = True
     model.dtype = "float32"
+    # How the layers compute (diffjax.kernels): "tuned" kernels, the "plain" lax/jax.nn
+    # reference, or "onednn" (tuned, with oneDNN calls on AVX-512 CPUs).
+    model.kernels = "tuned"
     model.num_classes = 0
     model.num_groups = 32
 

@@ -36,6 +36,7 @@ from diffjax.errors import (
     exit_with_config_error,
     format_config_error,
 )
+from diffjax.models.geometry import unet_problems
 from diffjax.training import watchdog
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
 
 _MISSING = object()
 NAN_POLICIES = ("stop", "skip")
-DTYPES = ("float32", "bfloat16")
+DTYPES = choices.DTYPES
 SAMPLERS = choices.SAMPLERS
 
 
@@ -140,6 +141,7 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("model.dropout", *_real_in(0, 1, lo_open=False, hi_open=True)),
         ("model.resamp_with_conv", *_boolean()),
         ("model.dtype", *_one_of(DTYPES)),
+        ("model.kernels", *_one_of(choices.KERNELS)),
         ("model.num_classes", *_int_at_least(0)),
         ("diffusion.schedule", *_one_of(schedules.SCHEDULES)),
         ("diffusion.num_timesteps", *_int_at_least(1)),
@@ -241,35 +243,16 @@ def _check_batch(config: Any, ctx: dict[str, int]) -> Iterator[str]:
 
 
 def _check_unet_geometry(config: Any, ctx: dict[str, int]) -> Iterator[str]:
-    # The rules of diffjax.models.unet.UNet._validate, checked before any compilation.
+    # The U-Net's own rules (diffjax.models.geometry), checked before any compilation.
     size = _valid(config, "data.image_size", _int_at_least(1)[0])
     ch_mult = _valid(config, "model.ch_mult", _int_tuple(non_empty=True)[0])
     ch = _valid(config, "model.ch", _int_at_least(1)[0])
     attn = _valid(config, "model.attn_resolutions", _int_tuple(non_empty=False)[0])
-    if size is not _MISSING and ch_mult is not _MISSING:
-        factor = 2 ** (len(ch_mult) - 1)
-        if size % factor:
-            yield (
-                f"data.image_size = {size}: must be divisible by 2**(len(model.ch_mult)-1) = "
-                f"{factor} for model.ch_mult = {tuple(ch_mult)}"
-            )
-        elif attn is not _MISSING:
-            occurring = [size // 2**i for i in range(len(ch_mult))]
-            missing = [r for r in attn if r not in occurring]
-            if missing:
-                yield (
-                    f"model.attn_resolutions = {tuple(attn)}: {missing} never occur; allowed: "
-                    f"resolutions of the U-Net levels {occurring} (image_size {size})"
-                )
     groups = _valid(config, "model.num_groups", _int_at_least(1)[0])
-    if ch is not _MISSING and ch_mult is not _MISSING and groups is not _MISSING:
-        bad = [c for c in (ch, *(ch * m for m in ch_mult)) if c % groups]
-        if bad:
-            yield (
-                f"model.ch = {ch} with model.ch_mult = {tuple(ch_mult)}: channel counts "
-                f"{sorted(set(bad))} are not divisible by the {groups} GroupNorm groups "
-                f"(model.num_groups); ch and every ch * mult must be multiples of {groups}"
-            )
+    if _MISSING in (size, ch_mult, ch, attn, groups):
+        return
+    for field, message in unet_problems(size, size, ch, ch_mult, attn, groups):
+        yield f"{field} = {_get(config, field)!r}: {message}"
 
 
 def _check_sampling_steps(config: Any, ctx: dict[str, int]) -> Iterator[str]:

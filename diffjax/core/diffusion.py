@@ -15,10 +15,13 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from diffjax import choices
 from diffjax.core.schedules import Schedule
 
 __all__ = [
     "MEAN_TYPES",
+    "predict_eps",
+    "predict_x0",
     "VAR_TYPES",
     "PMeanVariance",
     "extract",
@@ -195,15 +198,30 @@ _VARIANCES: dict[str, Callable[[Schedule, Array | None, Array, int], tuple[Array
     "learned_range": _learned_range,
 }
 
-# How the network's (first C channels of) output becomes a prediction of x_0.
+# How the network's (first C channels of) output becomes a prediction of x_0, and of eps.
 _PRED_X0: dict[str, Callable[[Schedule, Array, Array, Array], Array]] = {
     "eps": predict_x0_from_eps,
     "x0": lambda s, x_t, t, out: out,
     "v": predict_x0_from_v,
 }
+_PRED_EPS: dict[str, Callable[[Schedule, Array, Array, Array], Array]] = {
+    "eps": lambda s, x_t, t, out: out,
+    "x0": predict_eps_from_x0,
+    "v": predict_eps_from_v,
+}
 
-MEAN_TYPES: tuple[str, ...] = tuple(_PRED_X0)
-VAR_TYPES: tuple[str, ...] = tuple(_VARIANCES)
+MEAN_TYPES: tuple[str, ...] = choices.MEAN_TYPES  # the keys of _PRED_X0 and _PRED_EPS
+VAR_TYPES: tuple[str, ...] = choices.VAR_TYPES  # the keys of _VARIANCES
+
+
+def predict_x0(s: Schedule, x_t: Array, t: Array, mean_out: Array, mean_type: str) -> Array:
+    """x_0 from the network's mean output under ``mean_type`` (eps: Ho et al. eq. 15)."""
+    return _PRED_X0[mean_type](s, x_t, t, mean_out)
+
+
+def predict_eps(s: Schedule, x_t: Array, t: Array, mean_out: Array, mean_type: str) -> Array:
+    """eps from the network's mean output under ``mean_type`` (x0: Ho et al. eq. 4 solved)."""
+    return _PRED_EPS[mean_type](s, x_t, t, mean_out)
 
 
 def check_mean_type(mean_type: str) -> str:
@@ -269,7 +287,7 @@ def p_mean_variance(
     mean_out, extra = split_model_output(model_output, x_t, var_type)
     _check_batch(t, x_t, mean_out)
     variance, log_variance = _VARIANCES[var_type](s, extra, t, x_t.ndim)
-    pred_x0 = _PRED_X0[mean_type](s, x_t, t, mean_out)
+    pred_x0 = predict_x0(s, x_t, t, mean_out, mean_type)
     if clip_denoised:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     mean, _, _ = q_posterior_mean_variance(s, pred_x0, x_t, t)

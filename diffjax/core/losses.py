@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import choices
 from diffjax.core import diffusion
 from diffjax.core.schedules import Schedule
 
@@ -161,7 +162,7 @@ _LOSSES: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Array], int], Arra
     "kl": (("vlb",), _loss_kl),
     "hybrid": (("mse", "vlb"), _loss_hybrid),
 }
-LOSS_TYPES: tuple[str, ...] = tuple(_LOSSES)
+LOSS_TYPES: tuple[str, ...] = choices.LOSS_TYPES  # the keys of _LOSSES
 
 
 def check_loss_type(loss_type: str) -> str:

@@ -201,19 +201,6 @@ def sample(
     )
 
 
-# x_0 and eps from the network's mean output, for each parameterization.
-_PRED_X0: dict[str, Callable[[Schedule, Array, Array, Array], Array]] = {
-    "eps": diffusion.predict_x0_from_eps,
-    "x0": lambda s, x_t, t, out: out,
-    "v": diffusion.predict_x0_from_v,
-}
-_PRED_EPS: dict[str, Callable[[Schedule, Array, Array, Array], Array]] = {
-    "eps": lambda s, x_t, t, out: out,
-    "x0": diffusion.predict_eps_from_x0,
-    "v": diffusion.predict_eps_from_v,
-}
-
-
 def ddim_sample(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -267,13 +254,13 @@ def ddim_sample(
         t = jnp.full((shape[0],), i, jnp.int32)  # [B]
         out = model_fn(x, jnp.full((shape[0],), tmap_j[i], jnp.int32), **kwargs)
         mean_out, _ = diffusion.split_model_output(out, x, var_type)
-        pred_x0 = _PRED_X0[mean_type](spaced, x, t, mean_out)
+        pred_x0 = diffusion.predict_x0(spaced, x, t, mean_out, mean_type)
         if clip_denoised:
             pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
         if recompute_eps:
             eps = diffusion.predict_eps_from_x0(spaced, x, t, pred_x0)
         else:
-            eps = _PRED_EPS[mean_type](spaced, x, t, mean_out)
+            eps = diffusion.predict_eps(spaced, x, t, mean_out, mean_type)
         sigma = eta * jnp.sqrt(spaced.posterior_variance[i])  # Song et al. eq. 16
         direction = jnp.sqrt(jnp.maximum(om_prev[i] - sigma**2, 0.0))
         noise = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype)

@@ -2,9 +2,11 @@
 
 Both must be in place before the process's first JAX computation (XLA reads its flags and
 creates its worker threads with the CPU backend), so they are applied by the entry points:
-``train.py``, ``python -m diffjax.sample``, ``python -m diffjax.evaluate`` and ``bench/``. In
-your own program call ``configure(compute_dtype)`` first thing. Neither changes a number that is
-computed, only how fast (the tests compare gradients and losses with and without).
+``diffjax train`` (``train.py``), ``diffjax sample``, ``diffjax evaluate`` and ``bench/``. In
+your own program call ``configure(compute_dtype, kernels)`` first thing (``model.dtype`` and
+``model.kernels`` of the config); with ``kernels="plain"`` it applies nothing. Neither changes
+a number that is computed, only how fast (the tests compare gradients and losses with and
+without).
 
 1. **malloc keeps freed memory** (``reuse_freed_memory``). Every call of a compiled XLA:CPU
    executable allocates one buffer for all its temporaries (1.2 GB for the small 32x32 model's
@@ -13,8 +15,8 @@ computed, only how fast (the tests compare gradients and losses with and without
    thread's arena) and unmaps it on free, so the next call faults every page in again and the
    kernel zeroes each one: ~300,000 page faults per small32 step, ~280,000 per CIFAR-10 step at
    batch 16. With one arena, no mmap and no trimming, the heap is reused from call to call. The
-   price: the process keeps its peak heap until it exits. ``DIFFJAX_REUSE_FREED_MEMORY=0`` turns
-   it off; the same for any program, set before it starts:
+   price: the process keeps its peak heap until it exits. The same for any program, set before
+   it starts:
    ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615``.
 2. **YNNPACK fusion types** (``ynn_fusion_types``; per program: ``compiler_options``). jaxlib
    0.10 hands 3x3 convolutions, matrix products and reductions to YNNPACK one by one
@@ -25,8 +27,7 @@ computed, only how fast (the tests compare gradients and losses with and without
    of the Winograd transforms, ``diffjax.kernels.winograd``, 3-4x slower); for bfloat16 compute
    the default is (its 8x8 and 4x4 convolutions are nine bfloat16 products, which the DOT
    fusion slows down). The flag is only added for the jaxlib versions
-   it was measured on, and never over one already in ``XLA_FLAGS``; ``DIFFJAX_YNN_FUSIONS=0``
-   leaves XLA's default.
+   it was measured on, and never over one already in ``XLA_FLAGS``.
 
 Measured gains are in ``bench/README.md`` ("CPU runtime settings").
 
@@ -49,9 +50,7 @@ import functools
 import os
 import platform
 
-REUSE_ENV = "DIFFJAX_REUSE_FREED_MEMORY"
 CACHE_ENV = "DIFFJAX_COMPILATION_CACHE"
-FUSIONS_ENV = "DIFFJAX_YNN_FUSIONS"
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 # Compute dtype -> YNNPACK fusion types (None: XLA's default). Measured on jaxlib 0.10.2.
@@ -164,11 +163,6 @@ def reuse_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
 
 
-def configure_memory() -> bool:
-    """``reuse_freed_memory()`` unless ``DIFFJAX_REUSE_FREED_MEMORY=0``; True if applied."""
-    return env_enabled(REUSE_ENV) and reuse_freed_memory()
-
-
 def ynn_fusion_types(compute_dtype: str, jaxlib_version: str) -> str | None:
     """The value of XLA's YNNPACK fusion-type option for ``compute_dtype`` (None: keep XLA's).
 
@@ -184,22 +178,20 @@ def ynn_fusion_types(compute_dtype: str, jaxlib_version: str) -> str | None:
     return ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in types)
 
 
-def _enabled_fusion_types(compute_dtype: str) -> str | None:
-    """``ynn_fusion_types`` for the installed jaxlib; None when ``DIFFJAX_YNN_FUSIONS=0``."""
+def _installed_fusion_types(compute_dtype: str) -> str | None:
+    """``ynn_fusion_types`` for the installed jaxlib."""
     import jaxlib.version  # the version only: importing jaxlib starts no backend
 
-    if not env_enabled(FUSIONS_ENV):
-        return None
     return ynn_fusion_types(compute_dtype, jaxlib.version.__version__)
 
 
-def compiler_options(compute_dtype: str) -> dict[str, str]:
+def compiler_options(compute_dtype: str, kernels: str = "tuned") -> dict[str, str]:
     """The fusion types as per-program options, ``jax.jit(f, compiler_options=...)``.
 
     For a process that compiles programs of both dtypes (``configure``'s flag is process-wide);
-    empty when XLA's default is the faster one or ``DIFFJAX_YNN_FUSIONS=0``.
+    empty when XLA's default is the faster one or ``kernels`` is "plain".
     """
-    value = _enabled_fusion_types(compute_dtype)
+    value = None if kernels == "plain" else _installed_fusion_types(compute_dtype)
     return {} if value is None else {YNN_FLAG.lstrip("-"): value}
 
 
@@ -229,20 +221,25 @@ def enable_compilation_cache() -> str | None:
     return jax.config.jax_compilation_cache_dir
 
 
-def configure(compute_dtype: str = "float32") -> list[str]:
-    """Apply both settings unless the environment turns them off; returns what was applied.
+def configure(
+    compute_dtype: str = "float32", kernels: str = "tuned", reuse_memory: bool = True
+) -> list[str]:
+    """Apply both settings (none with ``kernels="plain"``); returns what was applied.
 
     Call before the first JAX computation of the process (later, XLA has read its flags and
-    started its threads, and nothing changes). ``compute_dtype`` is the model's compute dtype
-    (config ``model.dtype``).
+    started its threads, and nothing changes). ``compute_dtype`` and ``kernels`` are the
+    model's (config ``model.dtype``, ``model.kernels``); ``reuse_memory=False`` leaves malloc
+    alone (a benchmark's A/B).
     """
     applied = []
-    if configure_memory():
+    if kernels == "plain":
+        return applied
+    if reuse_memory and reuse_freed_memory():
         applied.append("malloc reuses freed memory")
     xla_flags = os.environ.get("XLA_FLAGS", "")
     # An unknown dtype adds nothing here; config validation reports it in one line.
     if YNN_FLAG not in xla_flags and compute_dtype in YNN_FUSION_TYPES:
-        value = _enabled_fusion_types(compute_dtype)
+        value = _installed_fusion_types(compute_dtype)
         if value is not None:
             os.environ["XLA_FLAGS"] = f"{xla_flags} {YNN_FLAG}={value}".strip()
             applied.append(f"{YNN_FLAG}={value}")

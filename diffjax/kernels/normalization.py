@@ -3,10 +3,10 @@
 GroupNorm runs on every activation of the U-Net (twice per residual block), so its memory passes
 count: written naively, XLA:CPU fuses the per-(sample, group) statistics into the full-size
 elementwise loops and recomputes them per element through a [B, G] -> [B, C] expansion, whose
-index arithmetic keeps the loop from vectorising (a [64, 32, 32, 96] normalise + swish took 5.7 ms
-instead of 1.7 ms). Here every statistic reaches those loops as a per-(sample, channel) [B, C]
-array that XLA keeps materialised (on the CPU ``_expand`` is a matrix product, which XLA does
-not fuse into its consumers), so each full-size loop only broadcasts [B, C] operands. The
+index arithmetic keeps the loop from vectorising (bench/README.md, "GroupNorm"). Here every
+statistic reaches those loops as a per-(sample, channel) [B, C] array that XLA keeps
+materialised (on the CPU ``_expand`` is a matrix product, which XLA does not fuse into its
+consumers), so each full-size loop only broadcasts [B, C] operands. The
 backward pass is the closed form (two reductions and one elementwise pass) instead of
 autodiff's chain through the statistics.
 
@@ -14,8 +14,7 @@ Statistics and the arithmetic of the full-size loops are float32 whatever the co
 variance is taken about a per-(sample, group) shift, so it does not cancel when |mean| >> std as
 E[x^2] - E[x]^2 does. The swish that follows every GroupNorm in the U-Net is part of the same
 loops (``swish=True``): one rounding to the compute dtype instead of two, and no separate
-bfloat16 pass, whose every operation XLA:CPU computes between two conversions (small32 bfloat16
-step 0.896 -> 0.866 s; float32 unchanged).
+bfloat16 pass, whose every operation XLA:CPU computes between two conversions.
 """
 
 from __future__ import annotations
@@ -23,12 +22,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffjax.kernels.primitives import F32
+from diffjax.kernels.tuning import TUNING
+
+__all__ = ["group_norm"]
 
 
 def _expand_product(v: jax.Array, channels: int) -> jax.Array:
@@ -52,13 +53,13 @@ def _expand_repeat(v: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(v, channels // v.shape[-1], axis=-1)
 
 
-# Platform -> how per-group statistics reach the channels; others: ``_expand_repeat``.
-_EXPAND = {"cpu": _expand_product}
+# Whether the platform is in ``TUNING.group_expand_by_product`` -> how statistics reach channels.
+_EXPAND = {True: _expand_product, False: _expand_repeat}
 
 
-def _expand(v: jax.Array, channels: int) -> jax.Array:
+def _expand(v: jax.Array, channels: int, platform: str) -> jax.Array:
     """[..., G] -> [..., C] (the channels of group g take v[..., g]), per platform."""
-    return _EXPAND.get(jax.default_backend(), _expand_repeat)(v, channels)
+    return _EXPAND[platform in TUNING.group_expand_by_product](v, channels)
 
 
 def _group_mean(v: jax.Array, groups: int) -> jax.Array:
@@ -68,7 +69,7 @@ def _group_mean(v: jax.Array, groups: int) -> jax.Array:
 
 
 def _statistics(
-    xf: jax.Array, groups: int, epsilon: float
+    xf: jax.Array, groups: int, epsilon: float, platform: str
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Shift s, mean - s and 1/sqrt(var + eps) of each (sample, group), per channel [B, C].
 
@@ -78,16 +79,16 @@ def _statistics(
     |mean| >> std, and mean - s is small and exact enough to use as it is.
     """
     hw, c = xf.shape[1], xf.shape[2]
-    shift = _expand(jax.lax.stop_gradient(xf[:, 0, :: c // groups]), c)  # [B, C]
+    shift = _expand(jax.lax.stop_gradient(xf[:, 0, :: c // groups]), c, platform)  # [B, C]
     xs = xf - shift[:, None, :]  # [B, HW, C]
     m1 = _group_mean(jnp.sum(xs, axis=1) / hw, groups)  # [B, G]  E[x - s]
     m2 = _group_mean(jnp.sum(jnp.square(xs), axis=1) / hw, groups)  # E[(x - s)^2]
     inv = jax.lax.rsqrt(jnp.maximum(m2 - jnp.square(m1), 0.0) + epsilon)
-    centre, inv = _expand(jnp.stack([m1, inv]), c)  # [B, C] each
+    centre, inv = _expand(jnp.stack([m1, inv]), c, platform)  # [B, C] each
     return shift, centre, inv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def group_norm(
     x: jax.Array,
     scale: jax.Array,
@@ -96,6 +97,7 @@ def group_norm(
     epsilon: float,
     dtype: Any,
     swish: bool = False,
+    platform: str = "cpu",
 ) -> jax.Array:
     """Group normalisation of x [B, ..., C] (Wu & He 2018 eq. 1-3), result in ``dtype``.
 
@@ -104,9 +106,10 @@ def group_norm(
     float32 [C]; statistics and arithmetic are float32. ``swish``: return swish(y) = y
     sigmoid(y) (Ramachandran et al. 2017), which follows every GroupNorm of the DDPM U-Net,
     computed in the same float32 loop and rounded once; its gradient reuses the saved input
-    instead of keeping y.
+    instead of keeping y. ``platform``: the backend the program is for (how statistics are
+    broadcast to channels).
     """
-    return _group_norm_fwd(x, scale, bias, groups, epsilon, dtype, swish)[0]
+    return _group_norm_fwd(x, scale, bias, groups, epsilon, dtype, swish, platform)[0]
 
 
 def _bcast(v: jax.Array, ndim: int) -> jax.Array:
@@ -124,16 +127,16 @@ def _normalize(xs: jax.Array, scale, bias, centre, inv) -> jax.Array:
     return xs * _bcast(a, xs.ndim) + _bcast(bias - centre * a, xs.ndim)
 
 
-def _group_norm_fwd(x, scale, bias, groups, epsilon, dtype, swish):
+def _group_norm_fwd(x, scale, bias, groups, epsilon, dtype, swish, platform):
     b, c = x.shape[0], x.shape[-1]
-    shift, centre, inv = _statistics(x.reshape(b, -1, c).astype(F32), groups, epsilon)
+    shift, centre, inv = _statistics(x.reshape(b, -1, c).astype(F32), groups, epsilon, platform)
     y = _normalize(x.astype(F32) - _bcast(shift, x.ndim), scale, bias, centre, inv)
     if swish:
         y = y * jax.nn.sigmoid(y)
     return y.astype(dtype), (x, scale, bias, shift, centre, inv)
 
 
-def _group_norm_bwd(groups, epsilon, dtype, swish, res, dy):
+def _group_norm_bwd(groups, epsilon, dtype, swish, platform, res, dy):
     """Closed-form gradient (as for batch norm, Ioffe & Szegedy 2015 sec. 3, per group).
 
     With xhat = (x - mean) r and g = dy * scale: dx = r (g - mean_G(g) - xhat mean_G(g xhat)),
@@ -159,6 +162,7 @@ def _group_norm_bwd(groups, epsilon, dtype, swish, res, dy):
         jnp.stack([_group_mean(scale * sum_dy, groups), _group_mean(scale * inv * sum_dyx, groups)])
         / hw,
         c,
+        platform,
     )
     # dx = dy (scale r) + (x - s) p + q, expanding xhat = ((x - s) - (mean - s)) r.
     p = -inv * inv * e2
@@ -168,20 +172,3 @@ def _group_norm_bwd(groups, epsilon, dtype, swish, res, dy):
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
-
-
-class GroupNorm(nn.Module):
-    """Group normalisation layer (``group_norm``) with float32 ``scale`` and ``bias`` [C];
-    ``swish=True`` applies swish to its output in the same pass (same parameters)."""
-
-    num_groups: int
-    dtype: Any = F32
-    epsilon: float = 1e-6
-    swish: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), F32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), F32)
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype, self.swish)

@@ -5,7 +5,8 @@ jaxlib's XLA:CPU links oneDNN and runs it for HLO custom calls named ``__onednn$
 config (``xla.cpu.OneDnnConvolutionConfig`` / ``OneDnnMatMulConfig`` as JSON). XLA only emits
 these calls itself behind off-by-default rewrites; ``conv3x3`` and ``matmul`` emit them directly.
 
-**Off unless ``DIFFJAX_ONEDNN=1``, and then only on AVX-512.** XLA runs these calls on its own
+**Off unless the kernel switch asks for it (``model.kernels="onednn"``, ``diffjax.kernels``),
+and then only on AVX-512.** XLA runs these calls on its own
 thread pool (``OneDnnThreadPool``). Where oneDNN has no brgemm kernel for a product (every
 float32 product on an AVX2-only CPU, which oneDNN runs as ``gemm:jit:f32``), its gemm opens a
 parallel region inside the call's parallel region on that pool, and the inner one can wait
@@ -21,11 +22,10 @@ matches XLA's own ops. The lowering checks the operands' dtype once more, so a d
 would not be supported raises instead. Everywhere else, and by default, the layers use XLA's
 convolutions and products (``bench/soak.py``: no hang or crash on AVX-512 or held to AVX2).
 
-Where it is on, on the 2-core Zen 4 of ``bench/README.md``: a [64, 32, 32, 32] -> 32 3x3
-convolution at 215 GFLOP/s in float32 (XLA: 175) and 440 in bfloat16 (XLA: 70); attention's
-batched products at 165-185 GFLOP/s in float32 (XLA gives them to one thread at 55-86). It
-costs memory (its per-call allocations fragment the malloc heap, bench/README.md) and JAX's
-persistent compilation cache cannot store programs that contain these calls.
+Where it is on, its convolutions and batched products are faster than XLA's on AVX-512 CPUs
+(bench/README.md, "Default path against torch"); it costs memory (its per-call allocations
+fragment the malloc heap) and JAX's persistent compilation cache cannot store programs that
+contain these calls.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from diffjax.kernels.primitives import F32, dot_f32, same_padding, xla_conv
 CONV_TARGET = "__onednn$convolution"
 MATMUL_TARGET = "__onednn$matmul"
 # The opt-in: 1/true/yes/on uses oneDNN where ``supported``; unset or anything else does not.
-ENV = "DIFFJAX_ONEDNN"
 # jaxlib versions (prefixes) whose config encoding was checked: 0-based spatial dimension
 # indices, strides and paddings as they are, window dilations stored plus one.
 JAXLIB_VERSIONS = ("0.10.",)
@@ -236,13 +235,17 @@ _BMM = {True: matmul, False: _xla_matmul}
 
 
 def bmm(
-    a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False
+    a: jax.Array,
+    b: jax.Array,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+    onednn: bool = False,
 ) -> jax.Array:
-    """Batched op(a) [B, N, K] @ op(b) [B, K, M] -> float32 [B, N, M]: ``matmul`` when the
-    default backend is the CPU and ``available`` for the operands' dtype (one dtype for both),
-    else XLA's ``dot_general``. Differentiate through a custom VJP made of ``bmm`` calls (as
-    ``layers.bmm_nt`` does), not through it."""
-    fast = a.dtype == b.dtype and jax.default_backend() == "cpu" and available(a.dtype)
+    """Batched op(a) [B, N, K] @ op(b) [B, K, M] -> float32 [B, N, M]: ``matmul`` where
+    ``onednn`` (asked for by a CPU program's kernels) and ``supported`` for the operands' dtype
+    (one dtype for both), else XLA's ``dot_general``. Differentiate through a custom VJP made of
+    ``bmm`` calls (as ``diffjax.kernels.matmul`` does), not through it."""
+    fast = onednn and a.dtype == b.dtype and supported(a.dtype)
     return _BMM[fast](a, b, transpose_a, transpose_b)
 
 
@@ -301,7 +304,7 @@ def _onednn_isa_limit() -> str | None:
 def unsupported_reason(dtype=np.float32) -> str | None:
     """Why ``conv3x3`` and ``matmul`` on ``dtype`` operands may not be used in this process
     (machine, jaxlib version, ISA, or a probe of every mode that failed to compile or to match
-    XLA's ops); None when they may. Cached per process and dtype; never reads ``ENV``."""
+    XLA's ops); None when they may. Cached per process and dtype."""
     return _unsupported_reason(np.dtype(dtype))
 
 
@@ -345,30 +348,18 @@ def supported(dtype=np.float32) -> bool:
     return unsupported_reason(dtype) is None
 
 
-def enabled() -> bool:
-    """Whether this process opted in with ``DIFFJAX_ONEDNN=1`` (read at every trace)."""
-    return cpu_runtime.env_enabled(ENV, default=False)
-
-
-def available(dtype=np.float32) -> bool:
-    """Whether the layers emit oneDNN calls for ``dtype`` operands: opted in and supported."""
-    return enabled() and supported(dtype)
-
-
-def describe(dtype=np.float32) -> str:
-    """One line saying which convolutions and products a CPU program of ``dtype`` compute uses,
-    and why (printed once by the entry points)."""
-    if available(dtype):
+def describe(dtype=np.float32, requested: bool = False) -> str:
+    """One line saying which convolutions and products a CPU program of ``dtype`` compute uses
+    under the tuned kernels, and why; ``requested``: whether the kernels ask for oneDNN."""
+    if requested and supported(dtype):
         return (
-            f"CPU kernels: oneDNN convolutions and products ({ENV}=1; "
+            f"CPU kernels: oneDNN convolutions and products (kernels=onednn; "
             f"{cpu_runtime.isa()}) with Winograd and XLA's ops"
         )
-    why = unsupported_reason(dtype) if enabled() else None
-    if why:
-        return (
-            f"CPU kernels: XLA's convolutions and products with Winograd ({ENV}=1 ignored: {why})"
-        )
+    if requested:
+        why = unsupported_reason(dtype)
+        return f"CPU kernels: XLA's convolutions and products with Winograd (oneDNN refused: {why})"
     return (
         "CPU kernels: XLA's convolutions and products with Winograd (the default; "
-        f"{ENV}=1 opts in to oneDNN on AVX-512 CPUs)"
+        "kernels=onednn opts in to oneDNN on AVX-512 CPUs)"
     )

@@ -3,10 +3,10 @@ multiplications.
 
 ``conv3x3_winograd`` computes a SAME stride-1 3x3 convolution as (m + 2)^2 independent matrix
 products between transformed input tiles and transformed kernels (Lavin & Gray 2016; one batched
-product, on oneDNN where ``onednn.bmm`` can), with a custom VJP whose transposed transforms are
-written out; ``winograd_tile`` says which output tile m (2, 4, or none) beats the other
-algorithms in a train step (``bench/README.md``). ``diffjax.models.layers.Conv3x3`` picks the
-algorithm per layer.
+product, on oneDNN where asked for and supported), with a custom VJP whose transposed transforms
+are written out; ``winograd_tile`` says which output tile m (2, 4, or none) beats the other
+algorithms in a train step (thresholds: ``diffjax.kernels.tuning``). ``diffjax.kernels.conv``
+picks the algorithm per layer.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffjax.kernels import onednn
+from diffjax.kernels import onednn as dnn
 from diffjax.kernels.primitives import F32, pad1
+from diffjax.kernels.tuning import TUNING
 
 # Winograd F(m x m, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
 # eq. 8): every (m + 2)^2 input tile d (stride m) gives an m x m output tile
@@ -193,8 +194,7 @@ def winograd_input(x: jax.Array, m: int = 2) -> jax.Array:
     """[B, H, W, C] (H, W multiples of m) -> B^T d B of every tile: [(m + 2)^2, B H W / m^2, C].
 
     Summed in float32 and rounded once to x's dtype: bfloat16 sums would round each partial sum,
-    and XLA:CPU computes every bfloat16 operation as a float32 one between two conversions
-    (small32 bfloat16 step 0.953 -> 0.923 s).
+    and XLA:CPU computes every bfloat16 operation as a float32 one between two conversions.
     """
     b, h, w, c = x.shape
     f = _TRANSFORMS[m]
@@ -245,8 +245,8 @@ def _output_transpose_separable(g: jax.Array, m: int) -> jax.Array:
 
 
 # Output tile m -> how A g A^T is formed: F(4x4)'s 36 entries from all 16 phases at once make
-# XLA:CPU copy out each phase first, one axis at a time is faster (F(4x4) on [64, 32, 32, 32]:
-# 3.7 -> 2.7 ms, on [64, 16, 16, 64]: 1.4 -> 0.9 ms); F(2x2)'s 16 from 4 phases are faster at once.
+# XLA:CPU copy out each phase first, so one axis at a time is faster there; F(2x2)'s 16 from 4
+# phases are faster at once (bench/README.md, "Winograd F(4x4, 3x3)").
 _OUTPUT_TRANSPOSE = {2: _output_transpose_phases, 4: _output_transpose_separable}
 
 
@@ -256,18 +256,18 @@ def _output_transpose(g: jax.Array, dtype: Any, m: int) -> jax.Array:
     return _OUTPUT_TRANSPOSE[m](g, m).reshape(t * t, -1, g.shape[-1]).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _winograd(x: jax.Array, kernel: jax.Array, dtype: Any, m: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _winograd(x: jax.Array, kernel: jax.Array, dtype: Any, m: int, onednn: bool) -> jax.Array:
     v = winograd_input(x, m)  # [(m+2)^2, N, C]
     u = winograd_kernel(kernel, m).astype(dtype)  # [(m+2)^2, C, O]
-    return winograd_output(onednn.bmm(v, u), x.shape[:3], m)  # f32 [B, H, W, O]
+    return winograd_output(dnn.bmm(v, u, False, False, onednn), x.shape[:3], m)  # f32 [B, H, W, O]
 
 
-def _winograd_fwd(x, kernel, dtype, m):
-    return _winograd(x, kernel, dtype, m), (x, kernel)
+def _winograd_fwd(x, kernel, dtype, m, onednn):
+    return _winograd(x, kernel, dtype, m, onednn), (x, kernel)
 
 
-def _winograd_bwd(dtype, m, res, g):
+def _winograd_bwd(dtype, m, onednn, res, g):
     x, kernel = res
     b, h, w, _ = x.shape
     t = m + 2
@@ -275,11 +275,11 @@ def _winograd_bwd(dtype, m, res, g):
     dp = _output_transpose(g.astype(F32), dtype, m)  # [t^2, N, O]
     v = winograd_input(x, m)  # [t^2, N, C], recomputed: 2.25-4x the input is not kept
     u = winograd_kernel(kernel, m).astype(dtype)
-    dv = onednn.bmm(dp, u, transpose_b=True)  # float32 [t^2, N, C]
+    dv = dnn.bmm(dp, u, False, True, onednn)  # float32 [t^2, N, C]
     dv = dv.reshape(t, t, b, h // m, w // m, -1)  # [cols, rows, B, H/m, W/m, C]
     untile = _TRANSFORMS[m].untile_rows
     dxp = untile(untile(dv, 3), 1)  # [B, H + 2, W + 2, C], padded
-    du = onednn.bmm(v, dp, transpose_a=True)  # [t^2, C, O]
+    du = dnn.bmm(v, dp, True, False, onednn)  # [t^2, C, O]
     kernel_transform = functools.partial(winograd_kernel, m=m)
     (dk,) = jax.linear_transpose(kernel_transform, jax.ShapeDtypeStruct(kernel.shape, F32))(du)
     return dxp[:, 1:-1, 1:-1].astype(x.dtype), dk
@@ -288,9 +288,11 @@ def _winograd_bwd(dtype, m, res, g):
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
-def conv3x3_winograd(x: jax.Array, kernel: jax.Array, dtype: Any, m: int = 2) -> jax.Array:
+def conv3x3_winograd(
+    x: jax.Array, kernel: jax.Array, dtype: Any, m: int = 2, onednn: bool = False
+) -> jax.Array:
     """3x3 SAME stride-1 convolution by Winograd F(m x m, 3x3), m in (2, 4); float32
-    [B, H, W, O], H and W multiples of m.
+    [B, H, W, O], H and W multiples of m; ``onednn``: its products on oneDNN where supported.
 
     Products take ``dtype`` operands (the transformed input and kernel) and accumulate in
     float32; the custom VJP's products likewise. Rounding: F(2x2)'s transforms add at most 4
@@ -303,55 +305,40 @@ def conv3x3_winograd(x: jax.Array, kernel: jax.Array, dtype: Any, m: int = 2) ->
             f"Winograd output tile m={m} for a {x.shape[1]}x{x.shape[2]} map; allowed: m in "
             f"{sorted(_TRANSFORMS)} dividing the height and width"
         )
-    return _winograd(x, kernel, dtype, m)
+    return _winograd(x, kernel, dtype, m, onednn)
 
 
-# Where Winograd beats the direct convolution in the whole train step (bench/README.md).
-# F(2x2, 3x3): from 16x16 pixels up (the padded border and the transforms cost relatively more
-# on smaller maps), with at least this many input and output channels, by whether its products
-# run on oneDNN (``onednn.available()``): XLA's products are too thin at 32 channels to pay for
-# the transforms (slower alone and in the step), oneDNN's are not (small32 step: 1.126 ->
-# 1.063 s).
-WINOGRAD_MIN_SIZE = 16
-WINOGRAD_MIN_CHANNELS = {True: 32, False: 64}
-# F(4x4, 3x3), in float32 compute only (bfloat16: see the accuracy note at the top), with the
-# same channel rule, where its products have at least WINOGRAD4_MIN_ROWS rows (B H W / 16:
-# thinner ones do not pay for the transformed kernel, 36 C O entries) and the maps are at least
-# this large, by oneDNN (8x8 maps: its products still pay; XLA's do not). Train steps, float32:
-# small32 b64 1.072 -> 0.872 s, digits b64 0.065 -> 0.057 s.
-WINOGRAD4_DTYPES = (jnp.dtype(jnp.float32),)
-WINOGRAD4_MIN_SIZE = {True: 8, False: 16}
-WINOGRAD4_MIN_ROWS = 256
-
-
-def use_winograd(shape: tuple[int, ...], features: int, onednn_ok: bool | None = None) -> bool:
+def use_winograd(shape: tuple[int, ...], features: int, onednn_ok: bool = False) -> bool:
     """Whether a stride-1 3x3 convolution of a [B, H, W, C] input may run as Winograd
-    F(2x2, 3x3); ``onednn_ok``: whether the products run on oneDNN (default:
-    ``onednn.available()``)."""
+    F(2x2, 3x3) (``tuning.TUNING``: from 16x16 maps, where the padded border and the transforms
+    cost relatively less, with enough channels for the products to pay for the transforms);
+    ``onednn_ok``: whether the products run on oneDNN."""
     _, h, w, c = shape
-    fast = onednn.available() if onednn_ok is None else onednn_ok
     return (
-        min(h, w) >= WINOGRAD_MIN_SIZE
+        min(h, w) >= TUNING.winograd_min_size
         and h % 2 == 0
         and w % 2 == 0
-        and min(c, features) >= WINOGRAD_MIN_CHANNELS[fast]
+        and min(c, features) >= TUNING.winograd_channels(onednn_ok)
     )
 
 
 def winograd_tile(
-    shape: tuple[int, ...], features: int, dtype: Any, onednn_ok: bool | None = None
+    shape: tuple[int, ...], features: int, dtype: Any, onednn_ok: bool = False
 ) -> int:
     """Output tile m of the Winograd F(m x m, 3x3) that a stride-1 3x3 convolution of a
-    [B, H, W, C] input in ``dtype`` compute runs as: 4, 2, or 0 (not Winograd)."""
+    [B, H, W, C] input in ``dtype`` compute runs as: 4, 2, or 0 (not Winograd).
+
+    F(4x4, 3x3) only in float32 compute (bfloat16: see the accuracy note at the top) and where
+    its products have enough rows to pay for the 36 C O entries of the transformed kernel.
+    """
     b, h, w, c = shape
-    fast = onednn.available(dtype) if onednn_ok is None else onednn_ok
     if (
-        jnp.dtype(dtype) in WINOGRAD4_DTYPES
+        jnp.dtype(dtype) in TUNING.winograd4_dtypes
         and h % 4 == 0
         and w % 4 == 0
-        and min(h, w) >= WINOGRAD4_MIN_SIZE[fast]
-        and b * h * w // 16 >= WINOGRAD4_MIN_ROWS
-        and min(c, features) >= WINOGRAD_MIN_CHANNELS[fast]
+        and min(h, w) >= TUNING.winograd4_size(onednn_ok)
+        and b * h * w // 16 >= TUNING.winograd4_min_rows
+        and min(c, features) >= TUNING.winograd_channels(onednn_ok)
     ):
         return 4
-    return 2 if use_winograd(shape, features, fast) else 0
+    return 2 if use_winograd(shape, features, onednn_ok) else 0

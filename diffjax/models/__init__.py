@@ -7,20 +7,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diffjax import choices
 from diffjax.core.diffusion import model_output_channels
 from diffjax.models.unet import NUM_GROUPS, UNet, timestep_embedding
 
 __all__ = ["UNet", "create_model", "init_params", "timestep_embedding"]
 
-# config.model.dtype name -> compute dtype.
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def create_model(config: Any) -> UNet:
     """Build the U-Net from config.model.*, config.data.channels and config.diffusion.var_type."""
     m = config.model
-    if m.dtype not in _DTYPES:
-        raise ValueError(f"unknown model dtype {m.dtype!r}; allowed: {', '.join(_DTYPES)}")
+    if m.dtype not in choices.DTYPES:
+        raise ValueError(f"unknown model dtype {m.dtype!r}; allowed: {', '.join(choices.DTYPES)}")
     return UNet(
         ch=m.ch,
         ch_mult=tuple(m.ch_mult),
@@ -30,9 +28,11 @@ def create_model(config: Any) -> UNet:
         resamp_with_conv=m.resamp_with_conv,
         out_channels=model_output_channels(config.data.channels, config.diffusion.var_type),
         num_classes=m.num_classes or None,
-        dtype=_DTYPES[m.dtype],
-        # Run directories written before the field existed used the paper's 32.
+        dtype=getattr(jnp, m.dtype),  # jnp.float32 or jnp.bfloat16
+        # Run directories written before these fields existed used the paper's 32 groups and
+        # the tuned kernels.
         num_groups=m.get("num_groups", NUM_GROUPS),
+        kernels=m.get("kernels", "tuned"),
     )
 
 

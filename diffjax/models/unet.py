@@ -61,8 +61,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.kernels.normalization import GroupNorm
+from diffjax import choices
+from diffjax import kernels as K
 from diffjax.models import layers as L
+from diffjax.models.geometry import unet_problems
 
 NUM_GROUPS = 32  # GroupNorm groups, as the paper.
 NORM_EPS = 1e-6  # tf.contrib.layers.group_norm default, used by the reference model.
@@ -95,8 +97,10 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def _norm(dtype: Any, name: str, groups: int = NUM_GROUPS, swish: bool = False) -> GroupNorm:
-    return GroupNorm(groups, dtype, NORM_EPS, swish, name=name)
+def _norm(
+    dtype: Any, kernels: str, name: str, groups: int = NUM_GROUPS, swish: bool = False
+) -> L.GroupNorm:
+    return L.GroupNorm(groups, dtype, NORM_EPS, swish, kernels, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -106,19 +110,21 @@ class ResnetBlock(nn.Module):
     dropout: float
     dtype: Any = jnp.float32
     num_groups: int = NUM_GROUPS
+    kernels: str = "tuned"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         # x: [B, H, W, Cin], temb: [B, 4ch]
-        dt = self.dtype
-        h = _norm(dt, "norm1", self.num_groups, swish=True)(x)
-        h = L.Conv3x3(self.out_ch, dt, name="conv1")(h)  # [B, H, W, out]
-        h = L.add_per_sample(h, L.Dense(self.out_ch, dt, name="temb_proj")(nn.swish(temb)))
-        h = _norm(dt, "norm2", self.num_groups, swish=True)(h)
-        h = L.Dropout(self.dropout)(h, train=train)
-        h = L.Conv3x3(self.out_ch, dt, zero=True, name="conv2")(h)
+        dt, kn, g = self.dtype, self.kernels, self.num_groups
+        h = _norm(dt, kn, "norm1", g, swish=True)(x)
+        h = L.Conv3x3(self.out_ch, dt, kernels=kn, name="conv1")(h)  # [B, H, W, out]
+        t = L.Dense(self.out_ch, dt, kernels=kn, name="temb_proj")(nn.swish(temb))  # [B, out]
+        h = K.select(kn).add_per_sample(h, t)
+        h = _norm(dt, kn, "norm2", g, swish=True)(h)
+        h = L.Dropout(self.dropout, kn)(h, train=train)
+        h = L.Conv3x3(self.out_ch, dt, zero=True, kernels=kn, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
-            x = L.Dense(self.out_ch, dt, name="nin_shortcut")(x)
+            x = L.Dense(self.out_ch, dt, kernels=kn, name="nin_shortcut")(x)
         return x.astype(dt) + h
 
 
@@ -127,21 +133,17 @@ class AttnBlock(nn.Module):
 
     dtype: Any = jnp.float32
     num_groups: int = NUM_GROUPS
+    kernels: str = "tuned"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hh, ww, c = x.shape
-        dt = self.dtype
-        h = _norm(dt, "norm", self.num_groups)(x).reshape(b, hh * ww, c)  # [B, N, C]
-        # 1/sqrt(C) scales q [B, N, C] (in float32, before its rounding to dtype) rather than
-        # the [B, N, N] logits: one pass fewer over the largest array of the block.
-        q = L.Dense(c, dt, scale=c**-0.5, name="q")(h)
-        k = L.Dense(c, dt, name="k")(h)
-        v = L.Dense(c, dt, name="v")(h)
-        # softmax(q k^T / sqrt(C)) v: logits and softmax in float32, products in dtype.
-        w = L.softmax(L.bmm_nt(q, k))  # [B, N, N] float32
-        o = L.bmm_nn(w.astype(dt), v).astype(dt)  # [B, N, C]
-        o = L.Dense(c, dt, zero=True, name="proj_out")(o).reshape(b, hh, ww, c)
+        dt, kn = self.dtype, self.kernels
+        h = _norm(dt, kn, "norm", self.num_groups)(x).reshape(b, hh * ww, c)  # [B, N, C]
+        # q, k, v stay float32 until the attention rounds them to dtype (after scaling q).
+        q, k, v = (L.Dense(c, dt, kernels=kn, result_dtype=jnp.float32, name=n)(h) for n in "qkv")
+        o = K.select(kn).attention(q, k, v, dt)  # softmax(q k^T / sqrt(C)) v  [B, N, C]
+        o = L.Dense(c, dt, zero=True, kernels=kn, name="proj_out")(o).reshape(b, hh, ww, c)
         return x.astype(dt) + o
 
 
@@ -150,11 +152,12 @@ class Downsample(nn.Module):
 
     with_conv: bool
     dtype: Any = jnp.float32
+    kernels: str = "tuned"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.with_conv:
-            return L.Conv3x3(x.shape[-1], self.dtype, strides=2, name="conv")(x)
+            return L.Conv3x3(x.shape[-1], self.dtype, 2, kernels=self.kernels, name="conv")(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -163,6 +166,7 @@ class Upsample(nn.Module):
 
     with_conv: bool
     dtype: Any = jnp.float32
+    kernels: str = "tuned"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -170,7 +174,7 @@ class Upsample(nn.Module):
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
         x = x.reshape(b, 2 * h, 2 * w, c)  # [B, 2H, 2W, C] nearest neighbour
         if self.with_conv:
-            x = L.Conv3x3(c, self.dtype, name="conv")(x)
+            x = L.Conv3x3(c, self.dtype, kernels=self.kernels, name="conv")(x)
         return x
 
 
@@ -202,6 +206,8 @@ class UNet(nn.Module):
       num_groups: GroupNorm groups (32 in the paper); ch and every ch * mult must be multiples.
         With one channel per group (e.g. ch=32), GroupNorm removes the per-channel timestep
         and class embedding a resblock adds before its second norm; fewer groups keep it.
+      kernels: how the layers' operations are computed (``diffjax.kernels``): "tuned" (the
+        default), "plain" (the lax/jax.nn reference) or "onednn".
     """
 
     ch: int = 128
@@ -214,37 +220,24 @@ class UNet(nn.Module):
     num_classes: int | None = None
     dtype: Any = jnp.float32
     num_groups: int = NUM_GROUPS
+    kernels: str = "tuned"
 
     def _validate(self, x: jax.Array) -> None:
         if x.ndim != 4:
             raise ValueError(f"expected images [B, H, W, C], got shape {x.shape}")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        height, width = x.shape[1], x.shape[2]
-        if height % factor or width % factor:
-            raise ValueError(
-                f"image size {height}x{width} not divisible by 2**(len(ch_mult)-1) = {factor} "
-                f"(ch_mult={tuple(self.ch_mult)})"
-            )
-        occurring = [height // 2**i for i in range(len(self.ch_mult))]
-        for res in self.attn_resolutions:
-            if res not in occurring:
-                raise ValueError(
-                    f"attention resolution {res} never occurs for image height {height}; "
-                    f"occurring resolutions: {occurring}"
-                )
         if not isinstance(self.num_groups, int) or self.num_groups < 1:
             raise ValueError(f"num_groups = {self.num_groups!r}; allowed: an integer >= 1")
-        for c in (self.ch, *(self.ch * m for m in self.ch_mult)):
-            if c % self.num_groups:
-                raise ValueError(
-                    f"channel count {c} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) is not "
-                    f"divisible by the {self.num_groups} GroupNorm groups"
-                )
+        problems = unet_problems(
+            x.shape[1], x.shape[2], self.ch, self.ch_mult, self.attn_resolutions, self.num_groups
+        )
+        if problems:
+            raise ValueError(problems[0][1])
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout rate {self.dropout} not in [0, 1)")
         dtype = jnp.dtype(self.dtype)
-        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-            raise ValueError(f"unsupported dtype {dtype}; allowed: float32, bfloat16")
+        if dtype.name not in choices.DTYPES:
+            raise ValueError(f"unsupported dtype {dtype}; allowed: {', '.join(choices.DTYPES)}")
+        K.check_kernels(self.kernels)
 
     @nn.compact
     def __call__(
@@ -258,12 +251,12 @@ class UNet(nn.Module):
             _check_labels(y, self.num_classes)
         elif y is not None:
             raise ValueError("labels y given to an unconditional model (num_classes=0)")
-        dt = self.dtype
+        dt, kn, g = self.dtype, self.kernels, self.num_groups
         nr = len(self.ch_mult)
 
         temb = timestep_embedding(t, self.ch)  # [B, ch] float32
-        temb = L.Dense(4 * self.ch, dt, name="temb_dense_0")(temb)
-        temb = L.Dense(4 * self.ch, dt, name="temb_dense_1")(nn.swish(temb))  # [B, 4ch]
+        temb = L.Dense(4 * self.ch, dt, kernels=kn, name="temb_dense_0")(temb)
+        temb = L.Dense(4 * self.ch, dt, kernels=kn, name="temb_dense_1")(nn.swish(temb))  # [B, 4ch]
         if self.num_classes:
             if y is None:
                 y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)  # null class
@@ -273,46 +266,39 @@ class UNet(nn.Module):
             y = jnp.where((y >= 0) & (y <= self.num_classes), y, self.num_classes + 1)
             temb = temb + embed(y).astype(temb.dtype)
 
-        hs = [L.Conv3x3(self.ch, dt, name="conv_in")(x)]  # [B, H, W, ch]
+        hs = [L.Conv3x3(self.ch, dt, kernels=kn, name="conv_in")(x)]  # [B, H, W, ch]
         for level in range(nr):
+            out_ch = self.ch * self.ch_mult[level]
             for i in range(self.num_res_blocks):
-                h = ResnetBlock(
-                    self.ch * self.ch_mult[level],
-                    self.dropout,
-                    dt,
-                    self.num_groups,
-                    name=f"down_{level}_block_{i}",
-                )(hs[-1], temb, train=train)
+                name = f"down_{level}_block_{i}"
+                h = ResnetBlock(out_ch, self.dropout, dt, g, kn, name=name)(
+                    hs[-1], temb, train=train
+                )
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, self.num_groups, name=f"down_{level}_attn_{i}")(h)
+                    h = AttnBlock(dt, g, kn, name=f"down_{level}_attn_{i}")(h)
                 hs.append(h)
             if level != nr - 1:
-                hs.append(
-                    Downsample(self.resamp_with_conv, dt, name=f"down_{level}_downsample")(hs[-1])
-                )
+                down = Downsample(self.resamp_with_conv, dt, kn, name=f"down_{level}_downsample")
+                hs.append(down(hs[-1]))
 
         h = hs[-1]
-        c, g = h.shape[-1], self.num_groups
-        h = ResnetBlock(c, self.dropout, dt, g, name="mid_block_1")(h, temb, train=train)
-        h = AttnBlock(dt, g, name="mid_attn")(h)
-        h = ResnetBlock(c, self.dropout, dt, g, name="mid_block_2")(h, temb, train=train)
+        c = h.shape[-1]
+        h = ResnetBlock(c, self.dropout, dt, g, kn, name="mid_block_1")(h, temb, train=train)
+        h = AttnBlock(dt, g, kn, name="mid_attn")(h)
+        h = ResnetBlock(c, self.dropout, dt, g, kn, name="mid_block_2")(h, temb, train=train)
 
         for level in reversed(range(nr)):
+            out_ch = self.ch * self.ch_mult[level]
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
-                h = ResnetBlock(
-                    self.ch * self.ch_mult[level],
-                    self.dropout,
-                    dt,
-                    self.num_groups,
-                    name=f"up_{level}_block_{i}",
-                )(h, temb, train=train)
+                name = f"up_{level}_block_{i}"
+                h = ResnetBlock(out_ch, self.dropout, dt, g, kn, name=name)(h, temb, train=train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, self.num_groups, name=f"up_{level}_attn_{i}")(h)
+                    h = AttnBlock(dt, g, kn, name=f"up_{level}_attn_{i}")(h)
             if level != 0:
-                h = Upsample(self.resamp_with_conv, dt, name=f"up_{level}_upsample")(h)
+                h = Upsample(self.resamp_with_conv, dt, kn, name=f"up_{level}_upsample")(h)
         assert not hs
 
-        h = _norm(dt, "norm_out", self.num_groups, swish=True)(h)
-        h = L.Conv3x3(self.out_channels, dt, zero=True, name="conv_out")(h)  # [B, H, W, out]
+        h = _norm(dt, kn, "norm_out", g, swish=True)(h)
+        h = L.Conv3x3(self.out_channels, dt, zero=True, kernels=kn, name="conv_out")(h)
         return h.astype(jnp.float32)

@@ -54,7 +54,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -62,10 +61,10 @@ from etils import epath
 from flax import jax_utils
 from tqdm import tqdm
 
+from diffjax import kernels
 from diffjax.config.validation import validate_config
 from diffjax.core.schedules import make_schedule
 from diffjax.data import pipeline as input_pipeline
-from diffjax.kernels import onednn
 from diffjax.models import create_model
 from diffjax.training import checkpointing, watchdog
 from diffjax.training.actions import Outputs, make_periodic_actions, make_sample_fn
@@ -130,7 +129,7 @@ def _check_and_prepare(config: ml_collections.ConfigDict, workdir: Any) -> epath
         prepare_workdir(workdir)
         print(f"workdir: {workdir}")
         if jax.default_backend() == "cpu":
-            print(onednn.describe(jnp.dtype(config.model.dtype)))
+            print(kernels.describe(config.model.get("kernels", "tuned"), config.model.dtype))
     return workdir
 
 
