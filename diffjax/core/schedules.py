@@ -21,7 +21,6 @@ __all__ = [
     "Schedule",
     "get_betas",
     "make_schedule",
-    "respace",
 ]
 
 # Ho et al. 2020, Sec. 4: beta_1 = 1e-4 ... beta_T = 0.02 at T = 1000.
@@ -191,41 +190,3 @@ class Schedule:
 def make_schedule(name: str, num_timesteps: int) -> Schedule:
     """``Schedule.from_betas(get_betas(name, num_timesteps))``."""
     return Schedule.from_betas(get_betas(name, num_timesteps))
-
-
-def respace(
-    betas: Sequence[float] | np.ndarray, use_timesteps: Sequence[int] | np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """A schedule over a subset of the steps that keeps alphas_cumprod at the kept steps.
-
-    Nichol & Dhariwal 2021 Sec. 4: for kept steps k_1 < ... < k_K, the new betas are
-    beta'_i = 1 - abar_{k_i} / abar_{k_{i-1}} (abar_{k_0} = 1), so that abar'_i = abar_{k_i}.
-
-    :param betas: the original float64 [T] schedule.
-    :param use_timesteps: the 0-indexed steps to keep; any order, no duplicates, in [0, T).
-    :return: (new_betas float64 [K], timestep_map int32 [K]) where timestep_map[i] is the
-        original 0-indexed step of new step i (a model trained on the original steps is fed
-        timestep_map[i]).
-    """
-    b = _check_betas(betas)
-    steps = np.asarray(use_timesteps)
-    if steps.ndim != 1 or steps.shape[0] < 1 or not np.issubdtype(steps.dtype, np.integer):
-        raise ValueError(
-            f"use_timesteps must be a non-empty 1-D sequence of ints, got {use_timesteps!r}"
-        )
-    if len(np.unique(steps)) != len(steps):
-        raise ValueError(f"use_timesteps has duplicates: {sorted(steps.tolist())}")
-    if steps.min() < 0 or steps.max() >= b.shape[0]:
-        raise ValueError(
-            f"use_timesteps must lie in [0, {b.shape[0]}) for T={b.shape[0]}, "
-            f"got min {steps.min()} and max {steps.max()}"
-        )
-    steps = np.sort(steps)
-    # abar_{k_i} / abar_{k_{i-1}} is the product of the alphas over (k_{i-1}, k_i]: summed as logs
-    # per segment, it stays exact for tiny betas (1 - ratio would cancel) and after a beta of 1
-    # (the ratio would be 0/0).
-    with np.errstate(divide="ignore"):
-        log_alphas = np.log1p(-b[: steps[-1] + 1])  # [k_K + 1]
-    starts = np.append(0, steps[:-1] + 1)  # [K] first original step of each new step
-    new_betas = -np.expm1(np.add.reduceat(log_alphas, starts))
-    return new_betas, steps.astype(np.int32)
