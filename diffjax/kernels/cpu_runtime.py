@@ -9,12 +9,11 @@ a number that is computed, only how fast (the tests compare gradients and losses
 without).
 
 1. **malloc keeps freed memory** (``reuse_freed_memory``). Every call of a compiled XLA:CPU
-   executable allocates one buffer for all its temporaries (1.2 GB for the small 32x32 model's
-   train step at batch 64) and YNNPACK allocates scratch, on XLA's worker threads, all freed
-   when the call ends. glibc serves such a request with a fresh ``mmap`` (always, from a worker
-   thread's arena) and unmaps it on free, so the next call faults every page in again and the
-   kernel zeroes each one: ~300,000 page faults per small32 step, ~280,000 per CIFAR-10 step at
-   batch 16. With one arena, no mmap and no trimming, the heap is reused from call to call. The
+   executable allocates one buffer for all its temporaries (over a gigabyte for a 32x32 model's
+   train step) and YNNPACK allocates scratch, on XLA's worker threads, all freed when the call
+   ends. glibc serves such a request with a fresh ``mmap`` (always, from a worker thread's
+   arena) and unmaps it on free, so the next call faults every page in again and the kernel
+   zeroes each one, hundreds of thousands of pages per step. With one arena, no mmap and no trimming, the heap is reused from call to call. The
    price: the process keeps its peak heap until it exits. The same for any program, set before
    it starts:
    ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615``.
@@ -26,16 +25,15 @@ without).
    stay faster for elementwise chains (YNNPACK's ELTWISE fusions run the slicing and stacking
    of the Winograd transforms, ``diffjax.kernels.winograd``, 3-4x slower); for bfloat16 compute
    the default is (its 8x8 and 4x4 convolutions are nine bfloat16 products, which the DOT
-   fusion slows down). The flag is only added for the jaxlib versions
-   it was measured on, and never over one already in ``XLA_FLAGS``.
+   fusion slows down). The flag is only added for the jaxlib versions it was measured on, and
+   never over one already in ``XLA_FLAGS``.
 
 Measured gains are in ``bench/README.md`` ("CPU runtime settings").
 
 3. **persistent compilation cache** (``enable_compilation_cache``, any backend): the entry points
    keep compiled programs in ``$JAX_COMPILATION_CACHE_DIR``, else
-   ``$XDG_CACHE_HOME/diffjax/jax`` (``~/.cache/diffjax/jax``), so that a second ``python -m
-   diffjax.sample`` of the same run skips its compiles (digits, 64 DDIM-50 samples: 9.4 -> 5.0 s
-   wall). ``DIFFJAX_COMPILATION_CACHE=0`` turns it off. Programs with oneDNN calls (the opt-in of
+   ``$XDG_CACHE_HOME/diffjax/jax`` (``~/.cache/diffjax/jax``), so that a second ``diffjax
+   sample`` of the same run skips its compiles (README, "Costs"). ``DIFFJAX_COMPILATION_CACHE=0`` turns it off. Programs with oneDNN calls (the opt-in of
    ``diffjax.kernels.onednn``) cannot be stored: XLA:CPU fails to serialize them.
 
 ``isa()`` names the instruction set of this CPU (AVX2, AVX-512, AVX-512 BF16, AMX) for the
