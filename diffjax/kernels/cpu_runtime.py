@@ -13,8 +13,9 @@ without).
    train step) and YNNPACK allocates scratch, on XLA's worker threads, all freed when the call
    ends. glibc serves such a request with a fresh ``mmap`` (always, from a worker thread's
    arena) and unmaps it on free, so the next call faults every page in again and the kernel
-   zeroes each one, hundreds of thousands of pages per step. With one arena, no mmap and no trimming, the heap is reused from call to call. The
-   price: the process keeps its peak heap until it exits. The same for any program, set before
+   zeroes each one, hundreds of thousands of pages per step. With one arena, no mmap and no
+   trimming, the heap is reused from call to call. The price: the process keeps its peak heap
+   until it exits. The same for any program, set before
    it starts:
    ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615``.
 2. **YNNPACK fusion types** (``ynn_fusion_types``; per program: ``compiler_options``). jaxlib
@@ -33,7 +34,8 @@ Measured gains are in ``bench/README.md`` ("CPU runtime settings").
 3. **persistent compilation cache** (``enable_compilation_cache``, any backend): the entry points
    keep compiled programs in ``$JAX_COMPILATION_CACHE_DIR``, else
    ``$XDG_CACHE_HOME/diffjax/jax`` (``~/.cache/diffjax/jax``), so that a second ``diffjax
-   sample`` of the same run skips its compiles (README, "Costs"). ``DIFFJAX_COMPILATION_CACHE=0`` turns it off. Programs with oneDNN calls (the opt-in of
+   sample`` of the same run skips its compiles (README, "Costs").
+   ``DIFFJAX_COMPILATION_CACHE=0`` turns it off. Programs with oneDNN calls (the opt-in of
    ``diffjax.kernels.onednn``) cannot be stored: XLA:CPU fails to serialize them.
 
 ``isa()`` names the instruction set of this CPU (AVX2, AVX-512, AVX-512 BF16, AMX) for the
