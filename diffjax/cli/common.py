@@ -29,9 +29,11 @@ __all__ = [
     "UsageError",
     "add_watchdog_flags",
     "check_run_dir",
+    "configure_runtime_for",
     "fail",
     "print_kernels",
     "run_compute_dtype",
+    "run_kernels",
     "watchdog_settings",
 ]
 
@@ -92,6 +94,17 @@ def print_kernels(compute_dtype: str, kernels: str = "tuned") -> None:
 
     if jax.default_backend() == "cpu":
         print(kernel_switch.describe(kernels, compute_dtype), file=sys.stderr)
+
+
+def configure_runtime_for(workdir: str) -> None:
+    """Before any JAX computation: the run's XLA:CPU settings (``cpu_runtime.configure`` for its
+    dtype and kernels), the persistent compilation cache, and one line naming its kernels."""
+    from diffjax.kernels import cpu_runtime
+
+    dtype, kernels = run_compute_dtype(workdir), run_kernels(workdir)
+    cpu_runtime.configure(dtype, kernels)
+    cpu_runtime.enable_compilation_cache()
+    print_kernels(dtype, kernels)
 
 
 def run_compute_dtype(workdir: str) -> str:

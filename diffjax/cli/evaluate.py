@@ -47,7 +47,6 @@ from etils import epath
 
 from diffjax import choices, errors
 from diffjax.cli import common as cli
-from diffjax.kernels import cpu_runtime
 
 __all__ = ["main", "parse_args"]
 
@@ -219,10 +218,7 @@ def main(
         args = parse_args(argv, prog)
         _check_files(args)
         if configure_runtime:
-            dtype, kernels = cli.run_compute_dtype(args.workdir), cli.run_kernels(args.workdir)
-            cpu_runtime.configure(dtype, kernels)
-            cpu_runtime.enable_compilation_cache()
-            cli.print_kernels(dtype, kernels)
+            cli.configure_runtime_for(args.workdir)
         message = _run(args)
     print(message)
     return 0
