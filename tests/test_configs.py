@@ -39,6 +39,7 @@ SCHEMA = {
         "dropout",
         "resamp_with_conv",
         "dtype",
+        "kernels",
         "num_classes",
         "num_groups",
     },
