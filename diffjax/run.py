@@ -73,7 +73,12 @@ def _dpm_options(n: int, steps: int, given: dict[str, Any]) -> dict[str, Any]:
 
 
 # sampler -> (T, steps, settings) -> its own keyword options
-_SAMPLER_OPTIONS = {"ddpm": _ddpm_options, "ddim": _ddim_options, "dpm++": _dpm_options}
+_SAMPLER_OPTIONS = {
+    "ddpm": _ddpm_options,
+    "ddim": _ddim_options,
+    "dpm++": _dpm_options,
+    "sde-dpm++": _dpm_options,
+}
 
 
 def resolve_sampling_options(

@@ -60,7 +60,9 @@ _DIFFUSERS_SPACING = {"time": {}, "karras": {"use_karras_sigmas": True},
 _DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
-def diffusers_sample(x_T, *, num_steps, order, spacing, mean_type="eps"):
+def diffusers_sample(x_T, *, num_steps, order, spacing, mean_type="eps", noises=None):
+    """diffusers' samples from x_T; ``noises`` [K, ...]: SDE-DPM-Solver++ with that noise at
+    step i (its ``variance_noise``), else DPM-Solver++."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DPMSolverMultistepScheduler(
@@ -68,16 +70,17 @@ def diffusers_sample(x_T, *, num_steps, order, spacing, mean_type="eps"):
         trained_betas=np.asarray(SCHEDULE.betas, np.float64),
         solver_order=order,
         prediction_type=_DIFFUSERS_PREDICTION[mean_type],
-        algorithm_type="dpmsolver++",
+        algorithm_type="dpmsolver++" if noises is None else "sde-dpmsolver++",
         **_DIFFUSERS_SPACING[spacing],
     )
     scheduler.set_timesteps(num_steps)
     x = torch.from_numpy(np.asarray(x_T, np.float64))
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         a = float(np.sqrt(np.float64(ABAR[int(t)])))
         s = float(np.sqrt(1.0 - np.float64(ABAR[int(t)])))
         out = _OUTPUT[mean_type](x, _x0(x, a, s), a, s)
-        x = scheduler.step(out, t, x).prev_sample
+        z = None if noises is None else torch.from_numpy(np.asarray(noises[i], np.float64))
+        x = scheduler.step(out, t, x, variance_noise=z).prev_sample
     return x.numpy(), scheduler.timesteps.numpy()
 
 
@@ -96,6 +99,25 @@ def test_equal_to_diffusers_step_for_step(spacing, order, num_steps):
     # steps of coefficients <= ~10 (measured <= 2e-5 on samples of scale 1). A wrong weight,
     # step or order changes the result by >= 1e-3.
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("num_steps", [10, 20])
+def test_sde_variant_equal_to_diffusers_sde_dpmsolver_pp_with_the_same_noise(order, num_steps):
+    # The noise of step i is fold_in(step_key, i) (init_key, step_key = split(rng)); diffusers
+    # takes it as variance_noise. Same float32 arithmetic, same tolerance as the ODE solver.
+    x_T = _x_T()
+    step_key = jax.random.split(jax.random.key(1))[1]
+    noises = [
+        jax.random.normal(jax.random.fold_in(step_key, i), x_T.shape) for i in range(num_steps)
+    ]
+    want, _ = diffusers_sample(
+        x_T, num_steps=num_steps, order=order, spacing="logsnr", noises=noises
+    )
+    got = _dpm(x_T, num_steps=num_steps, order=order, spacing="logsnr", sde=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    # It is not the ODE solver: the noise moves the samples by O(1).
+    assert np.max(np.abs(got - _dpm(x_T, num_steps=num_steps, order=order))) > 1e-2
 
 
 @pytest.mark.parametrize("mean_type", ["x0", "v"])

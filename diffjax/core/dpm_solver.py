@@ -16,6 +16,17 @@ lambda_s, r_j = h_j / h the ratios of the previous steps to this one, and m_j th
   d_0 = (m_0 - m_1)/r_0, d_1 = (m_1 - m_2)/r_1, and
   x_t = order 1 + alpha_t ((e^-h - 1)/h + 1) D_1 - alpha_t ((e^-h - 1 + h)/h^2 - 1/2) D_2.
 
+SDE-DPM-Solver++ (``sde=True``; Lu et al. 2022b Sec. 5, diffusers' "sde-dpmsolver++") solves the
+reverse diffusion SDE instead, in the same variables: each step contracts x_s by e^-h more, puts
+(1 - e^-2h) on the data predictions where the ODE puts (1 - e^-h), and adds fresh noise
+sigma_t sqrt(1 - e^-2h) z. Like ancestral sampling it forgets early errors (the ODE carries them
+to the end), at the price of a slower convergence in the number of steps:
+
+- order 1: x_t = (sigma_t/sigma_s) e^-h x_s + alpha_t (1 - e^-2h) m_0 + sigma_t sqrt(1 - e^-2h) z;
+- order 2: order 1 + alpha_t (1 - e^-2h) D_1 / 2;
+- order 3: order 1 + alpha_t ((1 - e^-2h)/(-2h) + 1) D_1 + alpha_t ((1 - e^-2h - 2h)/(2h)^2 -
+  1/2) D_2, with D_1, D_2 as above.
+
 The first steps use lower orders (no history yet); below 15 steps the last two steps do too, and
 the step to sigma = 0 is always of order 1 (it returns the data prediction), as the paper
 recommends and diffusers' ``DPMSolverMultistepScheduler`` does: the same steps, noise levels and
@@ -167,24 +178,51 @@ def _threshold(x0: Array, ratio: float, max_value: float) -> Array:
     return jnp.clip(x0, -s, s) / s
 
 
-def _update(order: Array, x: Array, m: tuple[Array, Array, Array], lam: Array, a_t, s_t, s_s0):
-    """One DPM-Solver++ step of ``order`` (1, 2, 3; may be traced) from level s0 to t.
-
-    ``lam`` = (lambda_t, lambda_s0, lambda_s1, lambda_s2); ``m`` = (m_0, m_1, m_2)."""
-    h, h0, h1 = lam[0] - lam[1], lam[1] - lam[2], lam[2] - lam[3]
+def _ode_coefficients(h: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """(c_x, c_0, c_mid, c_1, c_2) of the ODE step: x_t = c_x x_s + alpha_t (c_0 m_0 + c_mid D_1
+    at order 2, or + c_1 D_1 + c_2 D_2 at order 3) (the module docstring's updates)."""
     phi = jnp.expm1(-h)  # e^-h - 1, exact for small steps
-    first = (s_t / s_s0) * x - (a_t * phi) * m[0]
+    return jnp.ones_like(h), -phi, -0.5 * phi, phi / h + 1.0, -((phi + h) / h**2 - 0.5)
+
+
+def _sde_coefficients(h: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """The same for SDE-DPM-Solver++: e^-h on x, 1 - e^-2h where the ODE has 1 - e^-h."""
+    psi = -jnp.expm1(-2.0 * h)  # 1 - e^-2h
+    return (
+        jnp.exp(-h),
+        psi,
+        0.5 * psi,
+        psi / (-2.0 * h) + 1.0,
+        (psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5,
+    )
+
+
+# sde -> the update's coefficients from the step length h in lambda
+_COEFFICIENTS = {False: _ode_coefficients, True: _sde_coefficients}
+
+
+def _update(order: Array, x: Array, m: tuple[Array, Array, Array], lam: Array, a_t, s_t, s_s0,
+            noise: Array | None = None):  # fmt: skip
+    """One (SDE-)DPM-Solver++ step of ``order`` (1, 2, 3; may be traced) from level s0 to t.
+
+    ``lam`` = (lambda_t, lambda_s0, lambda_s1, lambda_s2); ``m`` = (m_0, m_1, m_2); ``noise``
+    z [B, ...] for the SDE solver, None for the ODE one."""
+    h, h0, h1 = lam[0] - lam[1], lam[1] - lam[2], lam[2] - lam[3]
+    c_x, c0, c_mid, c1, c2 = _COEFFICIENTS[noise is not None](h)
+    first = (s_t / s_s0 * c_x) * x + (a_t * c0) * m[0]
+    if noise is not None:
+        first = first + (s_t * jnp.sqrt(-jnp.expm1(-2.0 * h))) * noise
 
     def second():
         d1 = (m[0] - m[1]) * (h / h0)
-        return first - 0.5 * (a_t * phi) * d1
+        return first + (a_t * c_mid) * d1
 
     def third():
         r0, r1 = h0 / h, h1 / h
         d0, d1 = (m[0] - m[1]) / r0, (m[1] - m[2]) / r1
         big_d1 = d0 + (r0 / (r0 + r1)) * (d0 - d1)
         big_d2 = (d0 - d1) / (r0 + r1)
-        return first + (a_t * (phi / h + 1.0)) * big_d1 - (a_t * ((phi + h) / h**2 - 0.5)) * big_d2
+        return first + (a_t * c1) * big_d1 + (a_t * c2) * big_d2
 
     # A step of zero length (the last karras / logsnr level is sigma_min, and so is
     # final_sigma="sigma_min") leaves x as it is; its coefficients would divide by h = 0.
@@ -201,6 +239,7 @@ def dpm_solver_sample(
     order: int = 2,
     spacing: str = "logsnr",
     final_sigma: str = "zero",
+    sde: bool = False,
     mean_type: str = "eps",
     var_type: str = "fixed_small",
     clip_denoised: bool = True,
@@ -214,13 +253,16 @@ def dpm_solver_sample(
 ) -> Array | tuple[Array, Trajectory]:
     """Multistep DPM-Solver++ (Lu et al. 2022b Alg. 2, data prediction), one ``lax.scan``.
 
-    Deterministic given x_T (drawn as in :func:`diffjax.core.sampling.sample` from ``rng``). Any
-    ``mean_type`` (the network's first C channels; a learned variance is ignored).
+    Deterministic given x_T (drawn as in :func:`diffjax.core.sampling.sample` from ``rng``), or
+    with ``sde=True`` SDE-DPM-Solver++, whose step i adds noise from ``fold_in(step_key, i)``
+    (``init_key, step_key = split(rng)``, as the ancestral sampler). Any ``mean_type`` (the
+    network's first C channels; a learned variance is ignored).
 
     :param num_steps: K network evaluations, in [1, T].
     :param order: 1, 2 or 3 (2 for guided sampling, 3 for unconditional, as the paper advises).
     :param spacing: "logsnr", "time", "karras" or "uniform" (module docstring).
     :param final_sigma: "zero" (the last step returns the data prediction) or "sigma_min".
+    :param sde: SDE-DPM-Solver++ (stochastic; module docstring) instead of the ODE solver.
     :param clip_denoised: clip each data prediction to [-1, 1].
     :param thresholding: dynamic thresholding of each data prediction instead (Saharia et al.
         2022), with ``dynamic_thresholding_ratio`` and ``sample_max_value``.
@@ -235,7 +277,7 @@ def dpm_solver_sample(
     orders = jnp.asarray(step_orders(k, order, final_sigma))  # [K]
     alphas, sigmas, lambdas = _alpha_sigma(levels)  # [K + 1] each
     kwargs = dict(model_kwargs or {})
-    init_key, _ = jax.random.split(rng)
+    init_key, step_key = jax.random.split(rng)
     to_x0 = _DATA_PREDICTION[mean_type]
 
     def step(carry: tuple[Array, Array, Array], j: Array):
@@ -250,7 +292,8 @@ def dpm_solver_sample(
             m0 = jnp.clip(m0, -1.0, 1.0)
         # lambda at t, s0, s1, s2 (entries before the first step are never used: order <= i + 1)
         lam = jnp.stack([lambdas[i + 1], lambdas[i], lambdas[i - 1], lambdas[i - 2]])
-        x_new = _update(orders[i], x, (m0, m1, m2), lam, alphas[i + 1], sigmas[i + 1], sigmas[i])
+        z = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype) if sde else None
+        x_new = _update(orders[i], x, (m0, m1, m2), lam, alphas[i + 1], sigmas[i + 1], sigmas[i], z)
         return (x_new, m0, m1), (x, m0)
 
     x = initial_noise(init_key, shape, x_T)

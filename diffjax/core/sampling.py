@@ -19,6 +19,7 @@ iteration, and the DDPM and DDIM samplers draw identical noise for identical ``r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -283,6 +284,7 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "ddpm": sample,
     "ddim": ddim_sample,
     "dpm++": dpm_solver_sample,
+    "sde-dpm++": functools.partial(dpm_solver_sample, sde=True),
 }
 
 
