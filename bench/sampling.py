@@ -4,8 +4,9 @@ Measures, for one workload and batch (random parameters; speed does not depend o
   * one jitted network forward (the unit of work of a sampling step),
   * ancestral DDPM sampling (Ho et al. 2020 Alg. 2) over ``--ddpm-steps`` steps (default all
     1000), DDIM (Song et al. 2021 eq. 12, eta = 0) over ``--ddim-steps`` steps and
-    DPM-Solver++ (Lu et al. 2022b, ``--dpm-order``, logSNR levels) over each of ``--dpm-steps``,
-    each compiled once as a whole ``lax.scan`` program, with images/s,
+    DPM-Solver++ (Lu et al. 2022b, ``--dpm-order``, logSNR levels), SDE-DPM-Solver++ and UniPC
+    (Zhao et al. 2023, same order and levels) over each of ``--dpm-steps``, each compiled once
+    as a whole ``lax.scan`` program, with images/s,
   * the scan overhead per step: (sampler time / steps) / forward time - 1 (this includes the
     sampler's own elementwise work: posterior mean, noise),
   * the DDPM / DDIM wall-time ratio.
@@ -26,7 +27,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from common import WORKLOADS, environment, make_model, median_seconds  # noqa: E402
 
-from diffjax.core.sampling import ddim_sample, dpm_solver_sample, make_model_fn, sample  # noqa: E402
+from diffjax.core.sampling import (  # noqa: E402
+    SAMPLERS,
+    ddim_sample,
+    make_model_fn,
+    sample,
+)
 from diffjax.core.schedules import make_schedule  # noqa: E402
 from diffjax.models import init_params  # noqa: E402
 
@@ -64,12 +70,14 @@ def main() -> None:
     ddim = jax.jit(lambda r: ddim_sample(model_fn, schedule, r, shape, num_steps=args.ddim_steps))
     runs = [("ddpm", ddpm, args.ddpm_steps), ("ddim", ddim, args.ddim_steps)]
     for k in (int(v) for v in args.dpm_steps.split(",") if v):
-        dpm = jax.jit(
-            lambda r, k=k: dpm_solver_sample(
-                model_fn, schedule, r, shape, num_steps=k, order=args.dpm_order
+        for name in ("dpm++", "sde-dpm++", "unipc"):
+            solver = SAMPLERS[name]
+            fn = jax.jit(
+                lambda r, k=k, solver=solver: solver(
+                    model_fn, schedule, r, shape, num_steps=k, order=args.dpm_order
+                )
             )
-        )
-        runs.append((f"dpm++{k}", dpm, k))
+            runs.append((f"{name}{k}", fn, k))
     rng = jax.random.key(2)
     results = {}
     for name, fn, steps in runs:

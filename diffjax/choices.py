@@ -18,8 +18,8 @@ __all__ = [
 ]
 
 # diffjax.core.sampling.SAMPLERS: ancestral (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++
-# and SDE-DPM-Solver++ (Lu et al. 2022b).
-SAMPLERS = ("ddpm", "ddim", "dpm++", "sde-dpm++")
+# and SDE-DPM-Solver++ (Lu et al. 2022b), UniPC (Zhao et al. 2023).
+SAMPLERS = ("ddpm", "ddim", "dpm++", "sde-dpm++", "unipc")
 # diffjax.core.dpm_solver.SPACINGS and the orders of its multistep solver.
 DPM_SPACINGS = ("logsnr", "time", "karras", "uniform")
 DPM_ORDERS = (1, 2, 3)

@@ -78,6 +78,7 @@ _SAMPLER_OPTIONS = {
     "ddim": _ddim_options,
     "dpm++": _dpm_options,
     "sde-dpm++": _dpm_options,
+    "unipc": _dpm_options,
 }
 
 

@@ -40,6 +40,7 @@ from diffjax.core.sampling_loop import (
     run_steps,
 )
 from diffjax.core.schedules import Schedule
+from diffjax.core.unipc import unipc_sample
 
 __all__ = [
     "SAMPLERS",
@@ -52,6 +53,7 @@ __all__ = [
     "sample",
     "sample_pmapped",
     "space_timesteps",
+    "unipc_sample",
 ]
 
 Array = jax.Array
@@ -285,6 +287,7 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "ddim": ddim_sample,
     "dpm++": dpm_solver_sample,
     "sde-dpm++": functools.partial(dpm_solver_sample, sde=True),
+    "unipc": unipc_sample,
 }
 
 
