@@ -114,13 +114,13 @@ def _unet_loss(kernels_name, dtype=jnp.float32):
         ch=32,
         ch_mult=(1, 2),
         num_res_blocks=1,
-        attn_resolutions=(8,),
+        attn_resolutions=(4,),
         out_channels=1,
         num_groups=8,
         dtype=dtype,
         kernels=kernels_name,
     )
-    x, noise = _normal(5, (4, 16, 16, 1), (4, 16, 16, 1))
+    x, noise = _normal(5, (4, 8, 8, 1), (4, 8, 8, 1))  # [B, H, W, C]
     t = jnp.array([0, 10, 500, 999])
     params = model.init(jax.random.key(6), x, t, train=False)["params"]
     leaves, tree = jax.tree.flatten(params)
