@@ -14,6 +14,12 @@ samples of the EMA parameters (1000-step ancestral sampling, Ho et al. 2020 Alg.
 ``--config.sampling.sampler=ddim --config.sampling.num_steps=50`` samples in a few seconds,
 blurrier.
 
+Evaluation during training (``config.evaluation``, ``diffjax.training.evaluation``) adds about
+50 s on 2 CPU cores: the fixed-noise eval loss every 100 steps, and at steps 1000 and 2000
+bits/dim (32 test digits) and digits_fd of 512 DPM-Solver++ samples, in
+``workdirs/digits/eval/step_<N>.json`` and TensorBoard; ``--config.evaluation.quality_every_steps=0
+--config.evaluation.eval_every_steps=0`` turns it off.
+
 The data (1,797 images of 8x8, intensities 0..16 rescaled to 0..255; 1,500 for training) ships
 with scikit-learn and is written as a TFDS dataset on first use without network access. The
 model is a small DDPM U-Net (two levels at 8x8 and 4x4, self-attention at 4x4, GroupNorm with 8
@@ -50,4 +56,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.sample_every_steps = 1000
     config.optimizer.learning_rate = 0.001
     config.optimizer.warmup_steps = 100
+    # Evaluation during training (diffjax.training.evaluation): the fixed-noise eval loss on the
+    # whole test split (297 digits) every 100 steps (0.3 s each); at steps 1000 and 2000 bits/dim on
+    # its first 32 digits (all T = 1000 steps: about 16 s) and digits_fd of 512 DPM-Solver++
+    # samples (20 steps: about 4 s) against the test split.
+    config.evaluation.eval_every_steps = 100
+    config.evaluation.quality_every_steps = 1000
+    config.evaluation.bpd_examples = 32
+    config.evaluation.num_samples = 512
+    config.evaluation.sampler = "dpm++"
+    config.evaluation.num_steps = 20
+    config.evaluation.batch_size = 128
     return config

@@ -10,6 +10,7 @@ __all__ = [
     "DPM_ORDERS",
     "DPM_SPACINGS",
     "DTYPES",
+    "EVAL_SAMPLE_METRICS",
     "KERNELS",
     "LOSS_TYPES",
     "MEAN_TYPES",
@@ -35,3 +36,7 @@ MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 # diffjax.core.losses: L_simple, the variational bound, and their hybrid (Nichol & Dhariwal).
 LOSS_TYPES = ("simple", "kl", "hybrid")
+# diffjax.training.evaluation: the sample metric evaluated during training
+# (evaluation.sample_metric); "auto" is digits_fd on digits/MNIST, else FID/IS where the config
+# gives the Inception weights and reference statistics, else none.
+EVAL_SAMPLE_METRICS = ("auto", "digits_fd", "fid", "none")

@@ -1,8 +1,9 @@
 """Shared pieces of the reliability tests: a tiny config, batch recording, CLI runs, comparisons.
 
 The tiny config is configs/digits.py with the overrides of tests/test_training.py (one U-Net
-level without attention, T = 20, global batch 8, 4 steps, checkpoints every 2), so that all of
-them compile the same training step, once per persistent compilation cache.
+level without attention, T = 20, global batch 8, 4 steps, checkpoints every 2, no evaluation
+during training), so that all of them compile the same training step, once per persistent
+compilation cache.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ TINY_OVERRIDES = {
     "optimizer.warmup_steps": "2",
     "sampling.num_samples": "4",
     "sampling.num_steps": "2",
+    # configs/digits.py evaluates during training; these tests train without (tests/
+    # test_training_evaluation.py turns it on).
+    "evaluation.eval_every_steps": "0",
+    "evaluation.quality_every_steps": "0",
 }
 
 

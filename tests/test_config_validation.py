@@ -77,6 +77,19 @@ def _valid_config() -> ml_collections.ConfigDict:
         order=2,
         spacing="logsnr",
     )
+    c.evaluation = dict(
+        eval_every_steps=5,
+        eval_examples=64,
+        quality_every_steps=10,
+        bpd_examples=16,
+        sample_metric="auto",
+        num_samples=32,
+        sampler="dpm++",
+        num_steps=10,
+        batch_size=24,  # divisible by 2 x 3 and 2 x 4 devices
+        inception_weights=None,
+        ref_stats=None,
+    )
     return c
 
 
@@ -151,6 +164,21 @@ SINGLE_PROBLEMS = [
     ("sampling.num_steps", 101, ["<= diffusion.num_timesteps = 100"]),
     ("sampling.num_steps", -1, [">= 0"]),
     ("sampling.guidance_scale", 2.0, ["conditional model"]),
+    ("evaluation.eval_every_steps", -1, ["integer >= 0"]),
+    ("evaluation.eval_examples", 0, ["integer >= 1"]),
+    ("evaluation.quality_every_steps", 1.5, ["integer >= 0"]),
+    ("evaluation.bpd_examples", -1, ["integer >= 0"]),
+    ("evaluation.sample_metric", "kid", ["auto, digits_fd, fid, none"]),
+    ("evaluation.sample_metric", "fid", ["inception_weights", "ref_stats"]),
+    ("evaluation.num_samples", 1, ["integer >= 2"]),
+    ("evaluation.sampler", "euler", ["ddpm", "dpm++"]),
+    ("evaluation.num_steps", 101, ["<= diffusion.num_timesteps = 100"]),
+    ("evaluation.num_steps", -1, [">= 0"]),
+    ("evaluation.batch_size", 7, ["divisible", "2 devices"]),
+    ("evaluation.batch_size", 0, ["integer >= 1"]),
+    ("evaluation.inception_weights", "w.npz", ["evaluation.ref_stats", "both or neither"]),
+    ("evaluation.ref_stats", "r.npz", ["evaluation.inception_weights", "both or neither"]),
+    ("evaluation.ref_stats", "", ["None or a file path"]),
 ]
 
 
@@ -179,6 +207,25 @@ def test_conditional_model_needs_matching_labels():
     (line,) = _problems(config)
     assert "model.num_classes = 10" in line and "data.num_classes = 0" in line
     config.data.num_classes = 10
+    assert _problems(config) == []
+
+
+def test_evaluation_batch_matters_only_when_evaluation_is_on():
+    config = _set(_valid_config(), "evaluation.batch_size", 7)
+    assert len(_problems(config)) == 1
+    config.evaluation.eval_every_steps, config.evaluation.quality_every_steps = 0, 0
+    assert _problems(config) == []
+
+
+def test_digits_fd_needs_a_grey_labelled_dataset():
+    config = _valid_config()
+    config.data.name, config.data.channels, config.data.num_classes = "cifar10", 3, 0
+    assert _problems(config) == []  # "auto": no sample metric without the Inception files
+    config.evaluation.sample_metric = "digits_fd"
+    (line,) = _problems(config)
+    assert "evaluation.sample_metric = 'digits_fd'" in line and "'cifar10'" in line
+    config.evaluation.sample_metric = "fid"
+    config.evaluation.inception_weights, config.evaluation.ref_stats = "w.npz", "r.npz"
     assert _problems(config) == []
 
 

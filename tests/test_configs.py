@@ -71,6 +71,19 @@ SCHEMA = {
         "order",
         "spacing",
     },
+    "evaluation": {
+        "eval_every_steps",
+        "eval_examples",
+        "quality_every_steps",
+        "bpd_examples",
+        "sample_metric",
+        "num_samples",
+        "sampler",
+        "num_steps",
+        "batch_size",
+        "inception_weights",
+        "ref_stats",
+    },
 }
 
 # Ho et al. 2020, Sec. 4 and appendix B, shared by all of its experiments.
@@ -129,6 +142,20 @@ def test_config_follows_the_schema_and_validates(name):
 )
 def test_paper_models_have_the_reference_parameter_count(name, expected):
     assert num_params(load(name).get_config()) == expected
+
+
+def test_evaluation_during_training_is_on_for_the_digits_default_only():
+    from diffjax.training.evaluation import sample_metrics
+
+    digits = load("digits").get_config()
+    ev = digits.evaluation
+    assert ev.eval_every_steps > 0 and ev.quality_every_steps > 0
+    assert sample_metrics(digits) == ("digits_fd",)
+    # Cheap: a fast sampler, a few hundred samples, bits/dim on a small subset.
+    assert (ev.sampler, ev.num_steps, ev.num_samples, ev.bpd_examples) == ("dpm++", 20, 512, 32)
+    for name in ("cifar10", "celeba_hq256", "lsun_church256"):
+        ev = load(name).get_config().evaluation
+        assert (ev.eval_every_steps, ev.quality_every_steps) == (0, 0), name
 
 
 def test_cifar10_is_the_paper_recipe():

@@ -208,6 +208,23 @@ def test_training_curves(tmp_path):
         viz.training_curves(tmp_path, tmp_path / "t.png", smoothing=1.0)
 
 
+def test_evaluation_curves(tmp_path):
+    # The tags of diffjax.training.evaluation beside the training loss, as a run writes them.
+    rng = np.random.default_rng(0)
+    write_events(tmp_path, "loss", [(i, 1 / (i + 1) + 0.05 * rng.random()) for i in range(80)])
+    write_events(tmp_path, "eval/loss", [(20, 0.3), (40, 0.2), (80, 0.15)], suffix=".a")
+    write_events(tmp_path, "eval/ema_loss", [(20, 0.35), (40, 0.2), (80, 0.14)], suffix=".b")
+    write_events(tmp_path, "eval/bpd", [(40, 5.0), (80, 4.5)], suffix=".c")
+    write_events(tmp_path, "eval/digits_fd", [(40, 30.0), (80, 15.0)], suffix=".d")
+    path = viz.evaluation_curves(tmp_path, tmp_path / "e.png", size_px=(1200, 300))
+    assert_figure(path, 1200, 300)
+    assert (tmp_path / "e.svg").read_text().count("eval/") >= 4  # every curve in a legend
+    # Without an eval/ tag there is nothing to draw; the message lists the tags.
+    write_events(tmp_path / "plain", "loss", [(0, 1.0), (1, 0.5)])
+    with pytest.raises(ValueError, match=r"no eval/ scalar.*\['loss'\]"):
+        viz.evaluation_curves(tmp_path / "plain", tmp_path / "e.png")
+
+
 def test_loss_tags_drop_exact_repeats():
     a = (np.arange(3), np.array([1.0, 0.5, 0.25]))
     b = (np.arange(3), np.array([1.0, 0.5, 0.3]))

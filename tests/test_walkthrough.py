@@ -20,6 +20,7 @@ FIGURES = (
     "samples",
     "schedules",
     "training",
+    "evaluation",  # configs/digits.py evaluates during training
     "vlb_terms",
     "samplers",
     "samples_ddpm",

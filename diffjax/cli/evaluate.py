@@ -156,20 +156,8 @@ def _check_files(args: argparse.Namespace) -> None:
             raise UsageError(f"--inception_weights={args.inception_weights}: no such file")
 
 
-def _versions() -> dict[str, str]:
-    import flax
-    import jax
-    import numpy as np
-    import scipy
-
-    import diffjax
-
-    return dict(diffjax=diffjax.__version__, jax=jax.__version__, flax=flax.__version__,
-                numpy=np.__version__, scipy=scipy.__version__)  # fmt: skip
-
-
 def _run(args: argparse.Namespace) -> str:
-    from diffjax.evaluation import run_metrics
+    from diffjax.evaluation import records, run_metrics
     from diffjax.run import load_run
 
     try:
@@ -192,12 +180,12 @@ def _run(args: argparse.Namespace) -> str:
     )
     results = run_metrics.evaluate_metrics(ctx, metrics)
 
-    out = epath.Path(args.out or epath.Path(args.workdir) / "eval" / f"step_{run.step}.json")
-    record = json.loads(out.read_text()) if out.exists() else {}
-    record.update(step=run.step, workdir=str(args.workdir), params="ema", versions=_versions())
-    record.setdefault("metrics", {}).update(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    out = records.merge_record(
+        args.out or records.record_path(args.workdir, run.step),
+        step=run.step,
+        workdir=str(args.workdir),
+        results=results,
+    )
     headline = run_metrics.HEADLINES
     summary = ", ".join(f"{m} {results[m][headline[m]]:.4f}" for m in metrics)
     return f"step {run.step}: {summary} (written to {out})"

@@ -17,6 +17,11 @@ what differs, so the schema is written once. Sections and keys:
   beta2, eps.
 - ``sampling``: num_samples, sampler ("ddpm" | "ddim" | "dpm++"), num_steps (0 = all T; 20 for
   "dpm++"), eta, clip_denoised, guidance_scale, order and spacing (DPM-Solver++).
+- ``evaluation`` (during training, ``diffjax.training.evaluation``): eval_every_steps (the
+  fixed-noise eval loss; 0 = off), eval_examples, quality_every_steps (bits/dim and the sample
+  metric; 0 = off), bpd_examples (0 = no bits/dim), sample_metric ("auto" | "digits_fd" | "fid"
+  | "none"), num_samples, sampler, num_steps, batch_size (global), inception_weights and
+  ref_stats (FID/IS; both or neither).
 """
 
 from __future__ import annotations
@@ -105,4 +110,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.guidance_scale = 0.0
     sampling.order = 2  # DPM-Solver++ (sampler "dpm++") only
     sampling.spacing = "logsnr"  # DPM-Solver++ only: logsnr, time, karras, uniform
+
+    # Evaluation during training (diffjax.training.evaluation); off by default: at this size a
+    # sample metric costs minutes. Keys come from fold_in(key(training.seed), 3), never from the
+    # training stream, so a run gives the same parameters with evaluation on or off.
+    config.evaluation = evaluation = ml_collections.ConfigDict()
+    # Every N steps (and after the last): the loss on the first eval_examples of
+    # data.eval_split with the same t and noise each time, for the params and the EMA (0: off).
+    evaluation.eval_every_steps = 0
+    evaluation.eval_examples = 1024
+    # Every N steps (and after the last): bits/dim (full bound over all T) on the first
+    # bpd_examples of data.eval_split (0: none), and the sample metric (0: off).
+    evaluation.quality_every_steps = 0
+    evaluation.bpd_examples = 256
+    # "auto": digits_fd on digits/MNIST, else fid (and is) when inception_weights and ref_stats
+    # are given, else none.
+    evaluation.sample_metric = "auto"
+    evaluation.num_samples = 10_000
+    evaluation.sampler = "dpm++"
+    evaluation.num_steps = 20  # 0 = all T (20 for dpm++)
+    evaluation.batch_size = 256  # global examples per compiled call
+    evaluation.inception_weights = config_dict.placeholder(str)  # FID Inception .npz
+    evaluation.ref_stats = config_dict.placeholder(str)  # reference statistics .npz (read)
     return config

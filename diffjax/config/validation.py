@@ -104,6 +104,10 @@ def _boolean() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: isinstance(v, bool)), "True or False"
 
 
+def _optional_path() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or (isinstance(v, str) and v != "")), "None or a file path"
+
+
 def _int_tuple(*, non_empty: bool) -> tuple[Callable[[Any], bool], str]:
     def ok(v: Any) -> bool:
         if not isinstance(v, tuple | list) or (non_empty and not v):
@@ -178,6 +182,17 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
             f"one of {', '.join(map(str, choices.DPM_ORDERS))}",
         ),
         ("sampling.spacing", *_one_of(choices.DPM_SPACINGS)),
+        ("evaluation.eval_every_steps", *_int_at_least(0)),  # 0 = off
+        ("evaluation.eval_examples", *_int_at_least(1)),
+        ("evaluation.quality_every_steps", *_int_at_least(0)),  # 0 = off
+        ("evaluation.bpd_examples", *_int_at_least(0)),  # 0 = no bits/dim
+        ("evaluation.sample_metric", *_one_of(choices.EVAL_SAMPLE_METRICS)),
+        ("evaluation.num_samples", *_int_at_least(2)),
+        ("evaluation.sampler", *_one_of(SAMPLERS)),
+        ("evaluation.num_steps", *_int_at_least(0)),
+        ("evaluation.batch_size", *_int_at_least(1)),
+        ("evaluation.inception_weights", *_optional_path()),
+        ("evaluation.ref_stats", *_optional_path()),
     ]
     table = _dataset_table()
     if table is not None:
@@ -306,6 +321,47 @@ def _check_dataset(config: Any, ctx: dict[str, int]) -> Iterator[str]:
         )
 
 
+def _check_evaluation(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    # Evaluation during training (diffjax.training.evaluation): its batch is sharded like the
+    # training batch, its sampler has at most T steps, and its sample metric needs its inputs.
+    every = [_valid(config, f"evaluation.{k}_every_steps", _int_at_least(0)[0]) for k in
+             ("eval", "quality")]  # fmt: skip
+    batch = _valid(config, "evaluation.batch_size", _int_at_least(1)[0])
+    shards = ctx["num_devices"] * ctx["num_processes"]
+    if any(e not in (_MISSING, 0) for e in every) and batch is not _MISSING and batch % shards:
+        yield (
+            f"evaluation.batch_size = {batch}: must be divisible by {ctx['num_devices']} devices "
+            f"per process x {ctx['num_processes']} process(es) = {shards}"
+        )
+    steps = _valid(config, "evaluation.num_steps", _int_at_least(0)[0])
+    t = _valid(config, "diffusion.num_timesteps", _int_at_least(1)[0])
+    if steps is not _MISSING and t is not _MISSING and steps > t:
+        yield (
+            f"evaluation.num_steps = {steps}: must be <= diffusion.num_timesteps = {t} "
+            "(0 means all steps)"
+        )
+    weights, ref = (_valid(config, f"evaluation.{k}", _optional_path()[0]) for k in
+                    ("inception_weights", "ref_stats"))  # fmt: skip
+    if _MISSING not in (weights, ref) and (weights is None) != (ref is None):
+        given, other = ("inception_weights", "ref_stats")[:: 1 if ref is None else -1]
+        yield (
+            f"evaluation.{given} = {_get(config, f'evaluation.{given}')!r}: FID/IS also need "
+            f"evaluation.{other}; allowed: both or neither"
+        )
+    metric = _valid(config, "evaluation.sample_metric", _one_of(choices.EVAL_SAMPLE_METRICS)[0])
+    name = _get(config, "data.name")
+    if metric == "digits_fd" and name not in ("digits", "mnist"):
+        yield (
+            f"evaluation.sample_metric = 'digits_fd': needs data.name digits or mnist, got "
+            f"{name!r}; allowed here: auto, fid, none"
+        )
+    if metric == "fid" and weights is None and ref is None:
+        yield (
+            "evaluation.sample_metric = 'fid': needs evaluation.inception_weights and "
+            "evaluation.ref_stats (an .npz each)"
+        )
+
+
 _CROSS_RULES: tuple[Callable[[Any, dict[str, int]], Iterator[str]], ...] = (
     _check_dataset,
     _check_betas,
@@ -314,6 +370,7 @@ _CROSS_RULES: tuple[Callable[[Any, dict[str, int]], Iterator[str]], ...] = (
     _check_unet_geometry,
     _check_sampling_steps,
     _check_classes,
+    _check_evaluation,
 )
 
 
@@ -344,7 +401,7 @@ def validate_config(config: Any, *, num_devices: int, num_processes: int) -> Non
     """Raise one :class:`ConfigError` listing every problem of ``config``; None if valid.
 
     :param config: the training ConfigDict (schema: data, model, diffusion, training,
-        optimizer, sampling).
+        optimizer, sampling, evaluation).
     :param num_devices: devices per process (``jax.local_device_count()``).
     :param num_processes: ``jax.process_count()``.
     """

@@ -94,6 +94,8 @@ class MetricContext:
     config: Any
     options: MetricOptions
     watchdog: Any
+    # The base key of the samples; None: jax.random.key(options.seed) (the command line).
+    key: Any = None
     # Filled in by the metrics:
     samples: Any = None  # uint8 [N, H, W, C]
     sampling: dict[str, Any] | None = None  # how the samples were made
@@ -196,7 +198,7 @@ def sample_images(ctx: MetricContext, num: int) -> Any:
     if guidance is None:  # Run.sample's default: config.sampling.guidance_scale
         section = run.config.get("sampling", None) or {}
         guidance = float(section.get("guidance_scale", 0.0)) if run.num_classes else 0.0
-    key = jax.random.key(opts.seed)
+    key = jax.random.key(opts.seed) if ctx.key is None else ctx.key
     out = []
     for c in tqdm(range(chunks), desc=f"sampling ({sampler})", unit="batch", file=sys.stderr):
         with ctx.watchdog.watch("sampling batch", f"batch {c + 1} of {chunks}"):

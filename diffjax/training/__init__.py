@@ -3,7 +3,8 @@
 in ``stopping``), the run directory (``workdir``), metrics (``metrics``), the hang detector
 (``watchdog``), multi-host start-up (``multihost``); the pieces of the loop: its state between
 steps (``bookkeeping``), non-finite steps (``nonfinite``), throughput (``throughput``), periodic
-actions (``periodic``) and the outputs they write (``actions``)."""
+actions (``periodic``), the outputs they write (``actions``) and evaluation during training
+(``evaluation``, with the fixed-noise eval loss in ``eval_loss``)."""
 
 from __future__ import annotations
 

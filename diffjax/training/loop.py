@@ -33,7 +33,11 @@ One iteration of the loop, top to bottom:
 * periodic actions (``diffjax.training.periodic``, ``diffjax.training.actions``): loss,
   gradient norm, learning rate and images/s every ``log_every_steps``, a checkpoint every
   ``checkpoint_every_steps``, a PNG grid of samples from the EMA parameters every
-  ``sample_every_steps``, and all three after the last step;
+  ``sample_every_steps``, and all three after the last step; then evaluation
+  (``diffjax.training.evaluation``, ``config.evaluation``): the fixed-noise eval loss every
+  ``eval_every_steps``, bits/dim and the sample metric every ``quality_every_steps`` (to
+  TensorBoard and ``workdir/eval/step_<step>.json``; both after the last step, neither on a
+  stop), with keys of their own that leave the training stream as it is;
 * stop handling (``diffjax.training.stopping``): on SIGTERM/SIGINT
   (``diffjax.training.preemption``) the current step is finished, logged and checkpointed (no
   samples), the checkpoint is waited for and named, and the run returns with
@@ -66,7 +70,7 @@ from diffjax.config.validation import validate_config
 from diffjax.core.schedules import make_schedule
 from diffjax.data import pipeline as input_pipeline
 from diffjax.models import create_model
-from diffjax.training import checkpointing, watchdog
+from diffjax.training import checkpointing, evaluation, watchdog
 from diffjax.training.actions import Outputs, make_periodic_actions, make_sample_fn
 from diffjax.training.bookkeeping import Progress
 from diffjax.training.metrics import MetricWriter
@@ -96,7 +100,7 @@ __all__ = [
     "train_and_evaluate",
 ]
 
-# Independent key streams derived from training.seed.
+# Independent key streams derived from training.seed (evaluation: evaluation.EVAL_STREAM = 3).
 _INIT_STREAM, _STEP_STREAM, _SAMPLE_STREAM = 0, 1, 2
 
 
@@ -133,12 +137,11 @@ def _check_and_prepare(config: ml_collections.ConfigDict, workdir: Any) -> epath
     return workdir
 
 
-def _key_streams(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The independent keys of initialisation, the training steps and the sample grids."""
-    seed_key = jax.random.key(seed)
-    return tuple(
-        jax.random.fold_in(seed_key, s) for s in (_INIT_STREAM, _STEP_STREAM, _SAMPLE_STREAM)
-    )
+def _key_streams(seed: int) -> tuple[jax.Array, ...]:
+    """The independent keys of initialisation, the training steps, the sample grids and
+    evaluation."""
+    streams = (_INIT_STREAM, _STEP_STREAM, _SAMPLE_STREAM, evaluation.EVAL_STREAM)
+    return tuple(jax.random.fold_in(jax.random.key(seed), s) for s in streams)
 
 
 def _restore_or_init(
@@ -183,7 +186,7 @@ def train_and_evaluate(
     ckpt_dir = checkpointing.checkpoint_dir(workdir)
     model = create_model(config)
     schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    init_key, step_key, sample_key = _key_streams(tc.seed)
+    init_key, step_key, sample_key, eval_key = _key_streams(tc.seed)
     p_train_step = make_p_train_step(config, model, schedule, step_key)
     sample_fn = make_sample_fn(config, model, schedule)
     keep = ("image", "label") if config.model.num_classes else ("image",)
@@ -221,7 +224,10 @@ def train_and_evaluate(
             tqdm(total=tc.num_train_steps, initial=start_step, disable=not is_main, desc="train")
         )
         out = Outputs(config, workdir, manager, writer, dog, bar, is_main, sample_fn, sample_key)
-        actions = make_periodic_actions(out)
+        evaluator = evaluation.make_evaluator(
+            config, workdir, model, schedule, eval_key, stop_requested=lambda: guard.requested
+        )
+        actions = (*make_periodic_actions(out), *evaluation.make_evaluation_actions(out, evaluator))
         check_flags = functools.partial(
             catch_up,
             policy=NanPolicy.from_config(tc),

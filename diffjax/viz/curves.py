@@ -1,4 +1,5 @@
-"""Curves: the noise schedules, the training loss, the terms of the variational bound."""
+"""Curves: the noise schedules, the training loss, evaluation during training, the terms of the
+variational bound."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from diffjax.core import schedules
 from diffjax.viz.canvas import PathLike, check_size, curve_figure, save_figure
 from diffjax.viz.events import read_scalars
 
-__all__ = ["schedule_curves", "training_curves", "vlb_terms"]
+__all__ = ["evaluation_curves", "schedule_curves", "training_curves", "vlb_terms"]
 
 
 def _log_snr(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,4 +204,65 @@ def vlb_terms(
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
+    return save_figure(fig, path, svg=True)
+
+
+# Last parts of the tags of sample metrics (Frechet distances: lower is better).
+_FD_TAGS = ("digits_fd", "fid")
+
+
+def evaluation_curves(
+    workdir: PathLike,
+    path: PathLike,
+    *,
+    smoothing: float | None = None,
+    size_px: Sequence[int] = (1350, 400),
+) -> str:
+    """The curves of evaluation during training beside the training loss, against the step.
+
+    Panels (``diffjax.training.evaluation`` writes the ``eval/`` tags): the training loss
+    (smoothed as in :func:`training_curves`) with the fixed-noise eval losses (``eval/loss``,
+    ``eval/ema_loss``); bits/dim (``eval/bpd``); the sample metric's Frechet distance
+    (``eval/digits_fd`` or ``eval/fid``). A panel without data is left out.
+
+    :param size_px: (width, height) of the PNG in pixels; an SVG is written next to it.
+    :raises ValueError: no ``eval/`` scalar (the message lists the tags found).
+    """
+    width, height = check_size(size_px)
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing = {smoothing!r}; allowed: a number in [0, 1) or None")
+    scalars = read_scalars(workdir)
+    evals = sorted(t for t in scalars if t.startswith("eval/"))
+    if not evals:
+        raise ValueError(f"no eval/ scalar in {workdir}; tags found: {sorted(scalars)}")
+    train = [t for t in _loss_tags(scalars) if not t.startswith("eval/")]
+    panels = [
+        ("loss", train + [t for t in evals if _is_loss_tag(t)]),
+        ("bits/dim (lower is better)", [t for t in evals if "bpd" in t]),
+        (
+            "Frechet distance (lower is better)",
+            [t for t in evals if t.rsplit("/", 1)[-1] in _FD_TAGS],
+        ),
+    ]
+    panels = [(title, tags) for title, tags in panels if tags]
+    fig, axes = curve_figure(width, height, len(panels))
+    for ax, (title, tags) in zip(axes, panels, strict=True):
+        for i, tag in enumerate(tags):
+            steps, values = scalars[tag]
+            if tag in train:  # logged every few steps: a line, smoothed when long
+                weight = max(0.0, 1.0 - 20.0 / len(values)) if smoothing is None else smoothing
+                if weight > 0:
+                    ax.plot(steps, values, color=f"C{i}", alpha=0.25, lw=0.8)
+                    values = _smooth(values, weight)
+                ax.plot(steps, values, color=f"C{i}", lw=1.4, label=f"{tag} (training)")
+            else:
+                ax.plot(steps, values, color=f"C{i}", marker="o", ms=3, lw=1.4, label=tag)
+        if title == "loss" and all((scalars[t][1] > 0).all() for t in tags):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return save_figure(fig, path, svg=True)

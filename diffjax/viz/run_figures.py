@@ -15,7 +15,8 @@ from diffjax import errors
 from diffjax.cli import common as cli
 from diffjax.data import images
 from diffjax.viz.canvas import PathLike
-from diffjax.viz.curves import schedule_curves, training_curves, vlb_terms
+from diffjax.viz.curves import evaluation_curves, schedule_curves, training_curves, vlb_terms
+from diffjax.viz.events import read_scalars
 from diffjax.viz.strips import forward_process_strip, reverse_process_strip
 
 __all__ = ["main", "write_run_figures"]
@@ -40,8 +41,10 @@ def write_run_figures(
     Figures: ``forward.png`` (test images noised), ``reverse.png`` (an ancestral sampling
     trajectory of the EMA model for ``num_images`` samples), ``samples.png`` (``num_samples``
     samples with the run's ``config.sampling`` sampler), ``schedules.png``,
-    ``training.png`` (skipped if the run has no event files) and ``vlb_terms.png`` (the full
-    bound on ``num_vlb_examples`` test images; 0 skips it: it runs the network T times).
+    ``training.png`` (skipped if the run has no event files), ``evaluation.png`` (the curves
+    of evaluation during training beside the training loss; only if the run has ``eval/``
+    scalars) and ``vlb_terms.png`` (the full bound on ``num_vlb_examples`` test images; 0 skips
+    it: it runs the network T times).
     """
     from diffjax.data.pipeline import load_split_as_array
     from diffjax.evaluation import bpd
@@ -95,8 +98,10 @@ def write_run_figures(
     )
     try:
         paths["training"] = training_curves(workdir, out / "training.png")
+        if any(tag.startswith("eval/") for tag in read_scalars(workdir)):
+            paths["evaluation"] = evaluation_curves(workdir, out / "evaluation.png")
     except FileNotFoundError as e:
-        print(f"skipping training.png: {e}", file=sys.stderr)
+        print(f"skipping training.png and evaluation.png: {e}", file=sys.stderr)
 
     if num_vlb_examples > 0:
 
