@@ -13,6 +13,8 @@ and writes OUT_DIR/result_<PROCESS_ID>.json. Modes:
 * ``train``: ``diffjax.training.loop.train_and_evaluate`` on the tiny digits config into the shared
   workdir OUT_DIR/run, recording the examples each step consumed and digests of the final state;
   then a resumed run of many steps that only process 1 receives a SIGTERM in.
+* ``evaluate``: the same 4 steps with evaluation during training on
+  (tests/test_training_evaluation.py's EVAL_ON): every process evaluates its share.
 """
 
 from __future__ import annotations
@@ -123,7 +125,18 @@ def train(process_id: int, out_dir: str) -> dict:
     return report
 
 
-MODES = {"collectives": collectives, "train": train}
+def evaluate(process_id: int, out_dir: str) -> dict:
+    """4 steps with evaluation on (the eval loss at 2 and 4, bits/dim and digits_fd at 4)."""
+    from _train_helpers import tiny_config
+    from test_training_evaluation import EVAL_ON
+
+    from diffjax.training import loop as training
+
+    result = training.train_and_evaluate(tiny_config(**EVAL_ON), os.path.join(out_dir, "run"))
+    return {"step": int(result.state.step)}
+
+
+MODES = {"collectives": collectives, "train": train, "evaluate": evaluate}
 
 
 def main(argv: list[str]) -> None:
