@@ -10,11 +10,11 @@ and writes OUT_DIR/result_<PROCESS_ID>.json. Modes:
   diffjax.training.preemption.StopGuard: SIGINT to process 1 only (Python flag, all-gather
   agreement),
   then SIGTERM to process 1 only (JAX's preemption sync service).
-* ``train``: ``diffjax.training.loop.train_and_evaluate`` on the tiny digits config into the shared
-  workdir OUT_DIR/run, recording the examples each step consumed and digests of the final state;
-  then a resumed run of many steps that only process 1 receives a SIGTERM in.
-* ``evaluate``: the same 4 steps with evaluation during training on
-  (tests/test_training_evaluation.py's EVAL_ON): every process evaluates its share.
+* ``train``: ``diffjax.training.loop.train_and_evaluate`` on the tiny digits config, with
+  evaluation during training on (tests/test_training_evaluation.py's EVAL_ON: every process
+  evaluates its share), into the shared workdir OUT_DIR/run, recording the examples each step
+  consumed and digests of the final state; then a resumed run of many steps that only process 1
+  receives a SIGTERM in.
 """
 
 from __future__ import annotations
@@ -85,8 +85,11 @@ def collectives(process_id: int, out_dir: str) -> dict:
 
 
 def train(process_id: int, out_dir: str) -> dict:
-    """4 steps from scratch, then a resumed run that process 1 alone SIGTERMs at step 6."""
+    """4 steps from scratch with evaluation during training on (tests/test_training_evaluation.py's
+    EVAL_ON: every process evaluates its share), then a resumed run that process 1 alone
+    SIGTERMs at step 6."""
     from _train_helpers import example_digests, tiny_config, tree_digest
+    from test_training_evaluation import EVAL_ON
 
     from diffjax.data import pipeline as input_pipeline
     from diffjax.training import loop as training
@@ -110,7 +113,7 @@ def train(process_id: int, out_dir: str) -> dict:
 
     input_pipeline.create_train_iterator = recording
     workdir = os.path.join(out_dir, "run")
-    first = training.train_and_evaluate(tiny_config(), workdir)
+    first = training.train_and_evaluate(tiny_config(**EVAL_ON), workdir)
     report = {"step": int(first.state.step), "consumed": dict(consumed), "digests": digests(first)}
     # The notifier polls once a second: steps continue meanwhile, up to the agreed one.
     config = tiny_config(**{"training.num_train_steps": 100_000, "training.keep_checkpoints": 100})
@@ -125,18 +128,7 @@ def train(process_id: int, out_dir: str) -> dict:
     return report
 
 
-def evaluate(process_id: int, out_dir: str) -> dict:
-    """4 steps with evaluation on (the eval loss at 2 and 4, bits/dim and digits_fd at 4)."""
-    from _train_helpers import tiny_config
-    from test_training_evaluation import EVAL_ON
-
-    from diffjax.training import loop as training
-
-    result = training.train_and_evaluate(tiny_config(**EVAL_ON), os.path.join(out_dir, "run"))
-    return {"step": int(result.state.step)}
-
-
-MODES = {"collectives": collectives, "train": train, "evaluate": evaluate}
+MODES = {"collectives": collectives, "train": train}
 
 
 def main(argv: list[str]) -> None:
