@@ -41,6 +41,7 @@ rounded to an integer where the level lies between two; the update uses the leve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,7 +60,7 @@ from diffjax.core.sampling_loop import (
 )
 from diffjax.core.schedules import Schedule
 
-__all__ = ["FINAL_SIGMAS", "SPACINGS", "dpm_solver_sample", "noise_levels"]
+__all__ = ["FINAL_SIGMAS", "SPACINGS", "data_prediction", "dpm_solver_sample", "noise_levels"]
 
 Array = jax.Array
 # Diffusers' lower_order_final: below this many steps, the last two steps use orders 1 and 2.
@@ -169,6 +170,32 @@ _DATA_PREDICTION: dict[str, Callable[[Array, Array, Array, Array], Array]] = {
 }
 
 
+def data_prediction(
+    model_fn: Callable[..., Array],
+    x: Array,
+    t: Array,
+    alpha: Array,
+    sigma: Array,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool,
+    thresholding: bool,
+    dynamic_thresholding_ratio: float,
+    sample_max_value: float,
+    model_kwargs: Mapping[str, Any],
+) -> Array:
+    """x0_theta(x_t) [B, H, W, C] at the level (alpha_t, sigma_t), from the network's first C
+    channels (any ``mean_type``), dynamically thresholded or clipped to [-1, 1]: the m_i of the
+    multistep solvers (DPM-Solver++, UniPC). ``t``: the timesteps the network sees [B]."""
+    out = model_fn(x, t, **model_kwargs)
+    mean_out, _ = diffusion.split_model_output(out, x, var_type)
+    m = _DATA_PREDICTION[mean_type](x, mean_out, alpha, sigma)
+    if thresholding:
+        return _threshold(m, dynamic_thresholding_ratio, sample_max_value)
+    return jnp.clip(m, -1.0, 1.0) if clip_denoised else m
+
+
 def _threshold(x0: Array, ratio: float, max_value: float) -> Array:
     """Dynamic thresholding (Saharia et al. 2022 Sec. 2.3): per sample, s = the ``ratio``
     quantile of |x0| clamped to [1, max_value]; x0 -> clip(x0, -s, s) / s."""
@@ -276,20 +303,24 @@ def dpm_solver_sample(
     k = int(tsteps.shape[0])
     orders = jnp.asarray(step_orders(k, order, final_sigma))  # [K]
     alphas, sigmas, lambdas = _alpha_sigma(levels)  # [K + 1] each
-    kwargs = dict(model_kwargs or {})
     init_key, step_key = jax.random.split(rng)
-    to_x0 = _DATA_PREDICTION[mean_type]
+    predict = functools.partial(
+        data_prediction,
+        model_fn,
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        sample_max_value=sample_max_value,
+        model_kwargs=dict(model_kwargs or {}),
+    )
 
     def step(carry: tuple[Array, Array, Array], j: Array):
         x, m1, m2 = carry
         i = k - 1 - j  # forward step index; j counts down so that the last step is j = 0
-        out = model_fn(x, jnp.full((shape[0],), tsteps[i], jnp.int32), **kwargs)
-        mean_out, _ = diffusion.split_model_output(out, x, var_type)
-        m0 = to_x0(x, mean_out, alphas[i], sigmas[i])
-        if thresholding:
-            m0 = _threshold(m0, dynamic_thresholding_ratio, sample_max_value)
-        elif clip_denoised:
-            m0 = jnp.clip(m0, -1.0, 1.0)
+        t = jnp.full((shape[0],), tsteps[i], jnp.int32)  # [B]
+        m0 = predict(x, t, alphas[i], sigmas[i])
         # lambda at t, s0, s1, s2 (entries before the first step are never used: order <= i + 1)
         lam = jnp.stack([lambdas[i + 1], lambdas[i], lambdas[i - 1], lambdas[i - 2]])
         z = jax.random.normal(jax.random.fold_in(step_key, i), shape, x.dtype) if sde else None

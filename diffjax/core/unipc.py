@@ -25,6 +25,7 @@ give the same samples as diffusers' ``UNIPCMultistepScheduler`` (tests/test_unip
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,8 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.core import diffusion
-from diffjax.core.dpm_solver import _DATA_PREDICTION, _alpha_sigma, _threshold, noise_levels
+from diffjax.core.dpm_solver import _alpha_sigma, data_prediction, noise_levels
 from diffjax.core.respacing import check_int
 from diffjax.core.sampling_loop import (
     Trajectory,
@@ -147,9 +147,18 @@ def unipc_sample(
     k = int(tsteps.shape[0])
     orders = jnp.asarray(unipc_orders(k, order))  # [K]
     alphas, sigmas, lambdas = _alpha_sigma(levels)  # [K + 1] each
-    kwargs = dict(model_kwargs or {})
     init_key, _ = jax.random.split(rng)
-    to_x0 = _DATA_PREDICTION[mean_type]
+    predict = functools.partial(
+        data_prediction,
+        model_fn,
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        sample_max_value=sample_max_value,
+        model_kwargs=dict(model_kwargs or {}),
+    )
 
     def lam_at(i: Array) -> Array:  # (lambda_i, lambda_{i-1}, ...); unused entries are clamped
         return jnp.stack([lambdas[jnp.maximum(i - j, 0)] for j in range(4)])
@@ -157,13 +166,7 @@ def unipc_sample(
     def step(carry, j: Array):
         x, x_prev, m1, m2, m3 = carry  # x: predicted state at level i; x_prev: the state before
         i = k - 1 - j  # forward step index; j counts down so that the last step is j = 0
-        out = model_fn(x, jnp.full((shape[0],), tsteps[i], jnp.int32), **kwargs)
-        mean_out, _ = diffusion.split_model_output(out, x, var_type)
-        m0 = to_x0(x, mean_out, alphas[i], sigmas[i])
-        if thresholding:
-            m0 = _threshold(m0, dynamic_thresholding_ratio, sample_max_value)
-        elif clip_denoised:
-            m0 = jnp.clip(m0, -1.0, 1.0)
+        m0 = predict(x, jnp.full((shape[0],), tsteps[i], jnp.int32), alphas[i], sigmas[i])
         # UniC: the last step again, from x_prev at level i - 1, with m0 as one more difference.
         prev = jnp.maximum(i - 1, 0)
         corrected = _switch(
