@@ -68,6 +68,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     t.ema_decay = 0.99  # a short run: the EMA must forget the initial weights quickly
     config.optimizer.warmup_steps = 20
     config.sampling.num_samples = 16
+    config.evaluation.num_samples, config.evaluation.bpd_examples = 128, 8
     return config
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,15 @@ def cli_args(workdir: Path, **overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", *flags]
 
 
+# The compiled programs of train.py subprocesses, shared by every test that starts one (JAX keys
+# them by program and version, so a stale entry is never used): each compiles the same tiny
+# train step, and compiling it is most of such a test's time.
+SHARED_CACHE_DIR = Path(tempfile.gettempdir()) / f"diffjax-tests-jax-cache-{os.getuid()}"
+
+
 def cli_env(cache_dir: Path | None = None) -> dict[str, str]:
-    """The environment of a train.py subprocess: 2 fake devices, unbuffered output."""
+    """The environment of a train.py subprocess: 2 fake devices, unbuffered output, compiled
+    programs kept in ``cache_dir`` (default: ``SHARED_CACHE_DIR``)."""
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -71,9 +79,8 @@ def cli_env(cache_dir: Path | None = None) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     env.pop("DIFFJAX_DISTRIBUTED", None)
-    if cache_dir is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir or SHARED_CACHE_DIR)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 

@@ -41,7 +41,7 @@ def test_soak_detects_a_hang_and_a_crash(tmp_path):
     assert "soak: 2 runs: 0 ok, 1 hangs, 1 crashes" in res.stdout
 
 
-@pytest.mark.slow  # five fresh processes, each compiling a U-Net: about 2 minutes on 2 cores
+@pytest.mark.slow  # three fresh processes, each compiling a U-Net: about 1.5 minutes on 2 cores
 def test_quick_soak_held_to_avx2_has_no_hang_and_no_crash(tmp_path):
     # --idle 60: a child on a loaded 2-core machine (pytest -n 2) may wait its turn, but a
     # deadlocked one uses no CPU at all.
@@ -49,6 +49,6 @@ def test_quick_soak_held_to_avx2_has_no_hang_and_no_crash(tmp_path):
         tmp_path, "--cells=quick", "--isa=AVX2", "--onednn=on", "--idle=60", timeout=1500
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert len(results) == 5 and all(r["status"] == "ok" for r in results)
+    assert len(results) == 3 and all(r["status"] == "ok" for r in results)
     # The switch was refused for the ISA, with the reason, and the runs took XLA's kernels.
     assert all("ONEDNN_MAX_CPU_ISA=AVX2 is below" in r["detail"] for r in results), results
