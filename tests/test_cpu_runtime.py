@@ -86,7 +86,13 @@ def test_configure_appends_the_flag_once_and_nothing_for_plain_kernels(monkeypat
     assert configure("float32") == []
     assert os.environ["XLA_FLAGS"] == f"{cpu_runtime.YNN_FLAG}=LIBRARY_FUSION_TYPE_REDUCE"
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert configure("bfloat16") == []  # XLA's default is the faster one
+    # bfloat16: XLA's default is the faster one where the CPU computes in bfloat16; elsewhere
+    # the network computes in float32 (effective_dtype), with float32's fusions.
+    float32_flag = f"{cpu_runtime.YNN_FLAG}={cpu_runtime.ynn_fusion_types('float32', '0.10.2')}"
+    assert configure("bfloat16") == ([] if cpu_runtime.native_bfloat16() else [float32_flag])
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    assert configure("bfloat16") == [float32_flag]
+    monkeypatch.setenv("XLA_FLAGS", "")
     assert configure("float16") == []  # config validation reports bad dtypes
     # The plain kernels change no setting at all (malloc included).
     assert cpu_runtime.configure("float32", "plain") == [] and os.environ["XLA_FLAGS"] == ""
@@ -148,6 +154,61 @@ flags\t\t: fpu sse4_1 avx avx2 fma
 def test_isa_names_the_best_level_the_flags_give(extra, name):
     flags = cpu_runtime.cpu_flags(_CPUINFO.replace("fma\n", "fma" + extra + "\n"))
     assert cpu_runtime.isa(flags) == name
+
+
+_AVX512 = " avx512f avx512bw avx512vl avx512dq"
+
+
+@pytest.mark.parametrize(
+    "extra, xla_flags, native",
+    [
+        ("", "", False),  # AVX2 (Zen 3, Haswell-Skylake clients)
+        (_AVX512, "", False),  # AVX-512 without BF16 (Skylake-SP, Ice Lake)
+        (_AVX512 + " avx512_bf16", "", True),  # Zen 4, Cooper Lake
+        (_AVX512 + " avx512_bf16 amx_tile amx_bf16", "", True),  # Sapphire Rapids
+        (_AVX512 + " avx512_bf16", "--xla_cpu_max_isa=AVX2", False),  # XLA held to AVX2
+        (_AVX512 + " avx512_bf16", "--xla_cpu_max_isa=avx512", False),
+        (_AVX512 + " avx512_bf16", "--xla_cpu_max_isa=AVX2 --xla_cpu_max_isa=AVX512_BF16", True),
+    ],
+)
+def test_bfloat16_computes_in_float32_where_the_cpu_has_no_bfloat16(extra, xla_flags, native):
+    flags = cpu_runtime.cpu_flags(_CPUINFO.replace("fma\n", "fma" + extra + "\n"))
+    assert cpu_runtime.native_bfloat16(flags, xla_flags) is native
+    want = "bfloat16" if native else "float32"
+    assert cpu_runtime.effective_dtype("bfloat16", "cpu", flags, xla_flags) == want
+    # float32 stays float32, and accelerators compute in what was asked.
+    assert cpu_runtime.effective_dtype("float32", "cpu", flags, xla_flags) == "float32"
+    for platform_ in ("gpu", "tpu"):
+        assert cpu_runtime.effective_dtype("bfloat16", platform_, flags, xla_flags) == "bfloat16"
+
+
+_BF16_CONFIG = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp
+    from diffjax.config.validation import load_config_file
+    from diffjax.models import create_model, init_params
+    config = load_config_file("configs/digits.py")
+    config.model.dtype = "bfloat16"
+    for _ in range(2):
+        model = create_model(config)  # the notice comes once
+    params = init_params(model, jax.random.key(0), 8, 1)
+    out = model.apply({"params": params}, jnp.zeros((64, 8, 8, 1)), jnp.zeros((64,), jnp.int32),
+                      train=False)
+    print(jnp.dtype(model.dtype).name, out.dtype)
+    """
+)
+
+
+def test_bfloat16_config_on_a_cpu_without_bfloat16_builds_float32_with_one_notice():
+    # The AVX2 limit stands for an AVX2-only CPU (bench/README.md, "Testing the other ISA").
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_max_isa=AVX2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _BF16_CONFIG], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["float32", "float32"], out.stdout
+    notices = [line for line in out.stderr.splitlines() if "computes in float32" in line]
+    assert len(notices) == 1 and "--xla_cpu_max_isa=AVX2" in notices[0], out.stderr[-2000:]
 
 
 def test_isa_without_flags_is_the_machine():

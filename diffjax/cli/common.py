@@ -93,7 +93,10 @@ def print_kernels(compute_dtype: str, kernels: str = "tuned") -> None:
     from diffjax import kernels as kernel_switch
 
     if jax.default_backend() == "cpu":
-        print(kernel_switch.describe(kernels, compute_dtype), file=sys.stderr)
+        from diffjax.kernels import cpu_runtime
+
+        dtype = cpu_runtime.effective_dtype(compute_dtype, "cpu")
+        print(kernel_switch.describe(kernels, dtype), file=sys.stderr)
 
 
 def configure_runtime_for(workdir: str) -> None:

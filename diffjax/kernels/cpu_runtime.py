@@ -40,6 +40,13 @@ Measured gains are in ``bench/README.md`` ("CPU runtime settings").
 
 ``isa()`` names the instruction set of this CPU (AVX2, AVX-512, AVX-512 BF16, AMX) for the
 benchmarks' reports and for the oneDNN gate (``diffjax.kernels.onednn``).
+
+4. **bfloat16 only where the CPU computes in it** (``effective_dtype``): a CPU without bfloat16
+   arithmetic (no AVX-512 BF16 or AMX, or XLA held below them by ``--xla_cpu_max_isa``) converts
+   every bfloat16 operand to float32 and back, so bfloat16 compute is no faster there and
+   sometimes slower (bench/README.md, "bfloat16 on CPUs without it").
+   ``diffjax.models.create_model`` then builds the float32 network and says so in one line; the
+   parameters are float32 either way, so checkpoints are the same.
 """
 
 from __future__ import annotations
@@ -147,6 +154,47 @@ def describe_cpu() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, {isa()}"
 
 
+# XLA's --xla_cpu_max_isa values (XLA's CPU feature names) that include bfloat16 arithmetic.
+XLA_BF16_ISAS = ("AVX512_BF16", "AMX", "AMX_BF16", "AMX_FP16")
+_XLA_ISA_FLAG = "--xla_cpu_max_isa="
+
+
+def xla_isa_limit(xla_flags: str | None = None) -> str | None:
+    """The value of ``--xla_cpu_max_isa`` in ``xla_flags`` (default ``$XLA_FLAGS``), else None."""
+    xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    values = [f[len(_XLA_ISA_FLAG) :] for f in xla_flags.split() if f.startswith(_XLA_ISA_FLAG)]
+    return values[-1].upper() if values else None  # the last one wins, as in XLA's parser
+
+
+def native_bfloat16(flags: frozenset[str] | None = None, xla_flags: str | None = None) -> bool:
+    """Whether XLA:CPU computes bfloat16 in bfloat16 instructions here: the CPU has AVX-512 BF16
+    or AMX (``flags``, default this CPU's) and ``--xla_cpu_max_isa`` does not hold XLA below."""
+    limit = xla_isa_limit(xla_flags)
+    return isa(flags) in ("AVX-512 BF16", "AMX") and (limit is None or limit in XLA_BF16_ISAS)
+
+
+def effective_dtype(
+    requested: str, platform: str, flags: frozenset[str] | None = None, xla_flags: str | None = None
+) -> str:
+    """The dtype a network asked to compute in ``requested`` computes in on ``platform``:
+    float32 for bfloat16 on a CPU without bfloat16 arithmetic (``native_bfloat16``), else
+    ``requested``."""
+    if requested == "bfloat16" and platform == "cpu" and not native_bfloat16(flags, xla_flags):
+        return "float32"
+    return requested
+
+
+def bfloat16_fallback_notice() -> str:
+    """The line the entry points print when ``effective_dtype`` chose float32 for bfloat16."""
+    limit = xla_isa_limit()
+    why = f"--xla_cpu_max_isa={limit}" if limit else f"this CPU ({isa()})"
+    return (
+        f"notice: model.dtype='bfloat16' computes in float32 here: {why} has no bfloat16 "
+        "arithmetic (AVX-512 BF16 or AMX), so bfloat16 would be no faster; parameters and "
+        "checkpoints are float32 either way"
+    )
+
+
 def reuse_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse; True if applied (glibc only).
 
@@ -234,6 +282,8 @@ def configure(
     applied = []
     if kernels == "plain":
         return applied
+    # The fusions of the dtype the CPU will compute in (a GPU backend ignores the CPU flag).
+    compute_dtype = effective_dtype(compute_dtype, "cpu")
     if reuse_memory and reuse_freed_memory():
         applied.append("malloc reuses freed memory")
     xla_flags = os.environ.get("XLA_FLAGS", "")
