@@ -13,6 +13,7 @@ __all__ = [
     "EVAL_SAMPLE_METRICS",
     "KERNELS",
     "LOSS_TYPES",
+    "LR_DECAYS",
     "MEAN_TYPES",
     "SAMPLERS",
     "VAR_TYPES",
@@ -36,6 +37,9 @@ MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 # diffjax.core.losses: L_simple, the variational bound, and their hybrid (Nichol & Dhariwal).
 LOSS_TYPES = ("simple", "kl", "hybrid")
+# diffjax.training.state: the learning rate after warm-up (optimizer.decay), constant as in Ho et
+# al. or a cosine down to 0 at the last step.
+LR_DECAYS = ("constant", "cosine")
 # diffjax.training.evaluation: the sample metric evaluated during training
 # (evaluation.sample_metric); "auto" is digits_fd on digits/MNIST, else FID/IS where the config
 # gives the Inception weights and reference statistics, else none.

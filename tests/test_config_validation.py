@@ -158,6 +158,8 @@ SINGLE_PROBLEMS = [
     ("training.watchdog_min_seconds", 0.0, ["> 0"]),
     ("training.watchdog_first_seconds", -1.0, ["not watched", "> 0"]),
     ("training.num_train_steps", True, ["integer"]),
+    ("training.ema_warmup", 1, ["True or False"]),
+    ("optimizer.decay", "linear", ["constant, cosine"]),
     ("sampling.sampler", "euler", ["ddpm", "ddim", "dpm++"]),
     ("sampling.order", 4, ["1, 2, 3"]),
     ("sampling.spacing", "cosine", ["logsnr", "karras"]),
@@ -226,6 +228,16 @@ def test_digits_fd_needs_a_grey_labelled_dataset():
     assert "evaluation.sample_metric = 'digits_fd'" in line and "'cifar10'" in line
     config.evaluation.sample_metric = "fid"
     config.evaluation.inception_weights, config.evaluation.ref_stats = "w.npz", "r.npz"
+    assert _problems(config) == []
+
+
+def test_cosine_decay_needs_steps_after_warmup():
+    config = _set(_valid_config(), "optimizer.decay", "cosine")
+    config.optimizer.warmup_steps = 100
+    config.training.num_train_steps = 100
+    (line,) = _problems(config)
+    assert "optimizer.decay = 'cosine'" in line and "warmup_steps = 100" in line, line
+    config.training.num_train_steps = 101
     assert _problems(config) == []
 
 

@@ -151,6 +151,43 @@ def test_learning_rate_warmup_is_linear_then_constant():
     assert float(create_learning_rate_fn(config.optimizer)(0)) == pytest.approx(LR)
 
 
+def test_cosine_decay_follows_the_closed_form_after_warmup():
+    import math
+
+    config = tiny_config()
+    config.optimizer.warmup_steps = 10
+    config.optimizer.decay = "cosine"
+    lr = create_learning_rate_fn(config.optimizer, 110)
+    # Linear warm-up, then lr (1 + cos(pi (s - w) / (N - w))) / 2: peak at w, half at the middle
+    # of the decay, 0 at N (and after it).
+    for step in (0, 5, 10, 35, 60, 85, 109, 110, 200):
+        s = min(max(step - 10, 0), 100)
+        expected = (
+            LR * min(step / 10, 1.0) if step < 10 else LR * (1 + math.cos(math.pi * s / 100)) / 2
+        )
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-5, abs=1e-10), step
+    with pytest.raises(ValueError, match="num_train_steps"):
+        create_learning_rate_fn(config.optimizer)
+
+
+def test_ema_warmup_forgets_the_initialisation():
+    from diffjax.training.state import ema_decay_at
+
+    # (1 + n) / (10 + n) below the decay, the decay above: 0.1 at the first update.
+    for n in (0, 1, 10, 100, 1000, 5000):
+        expected = min(0.999, (1 + n) / (10 + n))
+        assert float(ema_decay_at(n, 0.999, True)) == pytest.approx(expected, rel=1e-6)
+    assert ema_decay_at(123, 0.999, False) == 0.999
+    # One update from the same state: with warm-up the EMA is 0.1 init + 0.9 new params.
+    config = tiny_config(ema_decay=0.999, ema_warmup=True)
+    devices = jax.devices()[:1]
+    initial, final, _ = run_steps(config, devices, 1)
+    for e, p0, p1 in zip(*(jax.tree.leaves(t) for t in (final.ema_params, initial.params,
+                                                        final.params)), strict=True):  # fmt: skip
+        np.testing.assert_allclose(e, 0.1 * np.asarray(p0) + 0.9 * np.asarray(p1), rtol=1e-5,
+                                   atol=1e-7)  # fmt: skip
+
+
 def test_gradient_clipping_applies_before_adam():
     config = tiny_config()
     config.optimizer.grad_clip = 0.5

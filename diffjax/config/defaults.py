@@ -11,10 +11,11 @@ what differs, so the schema is written once. Sections and keys:
   unconditional), num_groups (GroupNorm groups; ch and every ch * mult must be multiples).
 - ``diffusion``: schedule, num_timesteps, mean_type, var_type, loss_type.
 - ``training``: num_train_steps, batch_size (global), seed, checkpoint_every_steps,
-  sample_every_steps, log_every_steps, keep_checkpoints, ema_decay, class_dropout, nan_policy,
+  sample_every_steps, log_every_steps, keep_checkpoints, ema_decay, ema_warmup, class_dropout,
+  nan_policy,
   max_consecutive_skips, watchdog_factor, watchdog_min_seconds, watchdog_first_seconds.
-- ``optimizer``: learning_rate, warmup_steps, grad_clip (global norm; 0 = no clipping), beta1,
-  beta2, eps.
+- ``optimizer``: learning_rate, warmup_steps, decay ("constant" | "cosine"), grad_clip (global
+  norm; 0 = no clipping), beta1, beta2, eps.
 - ``sampling``: num_samples, sampler ("ddpm" | "ddim" | "dpm++"), num_steps (0 = all T; 20 for
   "dpm++"), eta, clip_denoised, guidance_scale, order and spacing (DPM-Solver++).
 - ``evaluation`` (during training, ``diffjax.training.evaluation``): eval_every_steps (the
@@ -83,6 +84,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.log_every_steps = 100
     training.keep_checkpoints = 3
     training.ema_decay = 0.9999
+    training.ema_warmup = False  # True: decay min(ema_decay, (1 + step) / (10 + step))
     training.class_dropout = 0.1  # used only when model.num_classes > 0
     training.nan_policy = "stop"
     training.max_consecutive_skips = 10
@@ -96,6 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optimizer = optimizer = ml_collections.ConfigDict()
     optimizer.learning_rate = 2e-4
     optimizer.warmup_steps = 5000
+    optimizer.decay = "constant"  # after warm-up; "cosine": down to 0 at num_train_steps
     optimizer.grad_clip = 1.0
     optimizer.beta1 = 0.9
     optimizer.beta2 = 0.999

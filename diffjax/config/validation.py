@@ -160,12 +160,14 @@ def _field_rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("training.log_every_steps", *_int_at_least(1)),
         ("training.keep_checkpoints", *_int_at_least(1)),
         ("training.ema_decay", *_real_in(0, 1, lo_open=False, hi_open=True)),
+        ("training.ema_warmup", *_boolean()),
         ("training.class_dropout", *_real_in(0, 1, lo_open=False, hi_open=False)),
         ("training.nan_policy", *_one_of(NAN_POLICIES)),
         ("training.max_consecutive_skips", *_int_at_least(1)),
         *((f"training.watchdog_{name}", *rule) for name, rule in watchdog.FIELD_RULES.items()),
         ("optimizer.learning_rate", *_positive_real()),
         ("optimizer.warmup_steps", *_int_at_least(0)),
+        ("optimizer.decay", *_one_of(choices.LR_DECAYS)),
         ("optimizer.grad_clip", *_non_negative_real()),  # 0 = no clipping
         ("optimizer.beta1", *_real_in(0, 1, lo_open=False, hi_open=True)),
         ("optimizer.beta2", *_real_in(0, 1, lo_open=False, hi_open=True)),
@@ -362,6 +364,19 @@ def _check_evaluation(config: Any, ctx: dict[str, int]) -> Iterator[str]:
         )
 
 
+def _check_lr_decay(config: Any, ctx: dict[str, int]) -> Iterator[str]:
+    # A cosine decays from the end of warm-up to the last step: it needs steps after warm-up.
+    decay = _valid(config, "optimizer.decay", _one_of(choices.LR_DECAYS)[0])
+    warmup = _valid(config, "optimizer.warmup_steps", _int_at_least(0)[0])
+    steps = _valid(config, "training.num_train_steps", _int_at_least(1)[0])
+    if decay == "cosine" and _MISSING not in (warmup, steps) and steps <= warmup:
+        yield (
+            f"optimizer.decay = 'cosine' with training.num_train_steps = {steps}: needs more "
+            f"steps than optimizer.warmup_steps = {warmup}; allowed: decay 'constant', or fewer "
+            "warm-up steps"
+        )
+
+
 _CROSS_RULES: tuple[Callable[[Any, dict[str, int]], Iterator[str]], ...] = (
     _check_dataset,
     _check_betas,
@@ -371,6 +386,7 @@ _CROSS_RULES: tuple[Callable[[Any, dict[str, int]], Iterator[str]], ...] = (
     _check_sampling_steps,
     _check_classes,
     _check_evaluation,
+    _check_lr_decay,
 )
 
 

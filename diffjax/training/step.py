@@ -30,7 +30,7 @@ import optax
 
 from diffjax.core import losses
 from diffjax.core.schedules import Schedule
-from diffjax.training.state import TrainState, create_learning_rate_fn, ema_update
+from diffjax.training.state import TrainState, create_learning_rate_fn, ema_decay_at, ema_update
 
 __all__ = [
     "AXIS_NAME",
@@ -88,6 +88,7 @@ def train_step(
     num_classes: int,
     class_dropout: float,
     axis_name: str = AXIS_NAME,
+    ema_warmup: bool = False,
 ) -> tuple[TrainState, Metrics]:
     """One Adam update on the simple/kl/hybrid loss, averaged over the ``axis_name`` devices.
 
@@ -150,7 +151,9 @@ def train_step(
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     new_state = state.apply_gradients(grads=grads)
     new_state = new_state.replace(
-        ema_params=ema_update(state.ema_params, new_state.params, ema_decay)
+        ema_params=ema_update(
+            state.ema_params, new_state.params, ema_decay_at(state.step, ema_decay, ema_warmup)
+        )
     )
     # Skipped update: parameters, EMA and Adam state stay as they were; the step (and with it
     # the data position and the keys) advances. training.nan_policy decides on the host whether
@@ -178,11 +181,14 @@ def make_train_step(
         model=model,
         schedule=schedule,
         seed_key=seed_key,
-        learning_rate_fn=create_learning_rate_fn(config.optimizer),
+        learning_rate_fn=create_learning_rate_fn(
+            config.optimizer, int(config.training.num_train_steps)
+        ),
         loss_type=config.diffusion.loss_type,
         mean_type=config.diffusion.mean_type,
         var_type=config.diffusion.var_type,
         ema_decay=float(config.training.ema_decay),
+        ema_warmup=bool(config.training.get("ema_warmup", False)),
         num_classes=int(config.model.num_classes or 0),
         class_dropout=float(config.training.class_dropout),
     )
