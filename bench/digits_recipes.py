@@ -1,7 +1,8 @@
 """Training recipes for the digits default compared at one wall-clock budget, by their curves.
 
 Each recipe is a set of config overrides on ``configs/digits.py``. Its training step is timed
-first on the idle machine (``recipe.bench_train``: the real pmapped step, median of 3 runs), and
+first on the idle machine (``recipe.bench_train``: the real pmapped step with train.py's
+``cpu_runtime`` settings, median of 3 runs), and
 the recipe gets as many steps as fit the budget: ``--budget`` seconds of training steps, by
 default what the default recipe's 2,000 steps take. Then ``train.py`` trains it for each seed in
 its own workdir with evaluation during training on (the fixed-noise eval loss every 100 steps;
@@ -175,6 +176,10 @@ def summarize(out: str, names: list[str], seeds: list[int], plan: dict) -> str:
 
 
 def main() -> None:
+    from diffjax.kernels import cpu_runtime
+
+    # Before any JAX computation, as train.py: the step is timed with the runtime it trains in.
+    cpu_runtime.configure("float32")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder of the runs, their logs and plan.json")
     p.add_argument("--recipes", default="default", help="comma-separated names of RECIPES")

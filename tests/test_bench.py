@@ -117,3 +117,32 @@ def test_trace_categories_read_the_op_then_the_kernel():
     assert cat("all-reduce.1", "nccl") == "collective"
     assert cat("custom-call.4", "memcpy32_post") == "copy / memset"
     assert cat("mystery", "mystery") == "other"
+
+
+def test_digits_recipes_plan_table_and_cost_keys(tmp_path, monkeypatch):
+    # The recipe search's own logic, without training: what shares a step time, how the steps
+    # fill a budget, and the table of the ends of the curves (mean and range over seeds).
+    import json
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import digits_recipes as dr
+
+    assert dr.cost_key(dr.RECIPES["cosine"]) == dr.cost_key({}) == "{}"
+    assert dr.cost_key(dr.RECIPES["ch64-g16"]) == '{"model.ch": 64, "model.num_groups": 16}'
+    assert dr.cost_key(dr.RECIPES["batch128"]) != dr.cost_key(dr.RECIPES["batch32"])
+    config = dr.digits_config({"model.ch": 48, "optimizer.decay": "cosine"})
+    assert config.model.ch == 48 and config.optimizer.decay == "cosine"
+    for seed, (fd, bpd) in enumerate(((10.0, 4.5), (12.0, 4.7))):
+        eval_dir = tmp_path / "cosine" / f"seed{seed}" / "eval"
+        eval_dir.mkdir(parents=True)
+        for step, extra in ((1000, {}), (2000, {"bpd": {"total_bpd": bpd},
+                                                "digits_fd": {"digits_fd": fd}})):  # fmt: skip
+            record = {"step": step, "metrics": {"eval_loss": {"ema": 0.08}, **extra}}
+            (eval_dir / f"step_{step}.json").write_text(json.dumps(record))
+    plan = {"cosine": {"steps": 2000, "step_s": 0.1}}
+    table = dr.summarize(str(tmp_path), ["cosine"], [0, 1], plan)
+    row = table.splitlines()[-1]
+    assert "| cosine | optimizer.decay=cosine | 2000 | 0.1000 |" in row, row
+    assert "11.00 (10.00-12.00)" in row and "4.600 (4.500-4.700)" in row, row
+    out = _bench("digits_recipes.py", "--out", str(tmp_path), "--recipes", "nope", timeout=120)
+    assert out.returncode != 0 and "--recipes nope unknown; allowed: default," in out.stderr
