@@ -133,7 +133,7 @@ def curve(workdir: str) -> dict[int, dict[str, float]]:
         metrics = record["metrics"]
         point = {}
         if "eval_loss" in metrics:
-            point["eval_loss"] = metrics["eval_loss"]["ema"]
+            point["eval_loss"] = metrics["eval_loss"]["ema_loss"]
         if "bpd" in metrics:
             point["bpd"] = metrics["bpd"]["total_bpd"]
         if "digits_fd" in metrics:

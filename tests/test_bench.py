@@ -137,7 +137,7 @@ def test_digits_recipes_plan_table_and_cost_keys(tmp_path, monkeypatch):
         eval_dir.mkdir(parents=True)
         for step, extra in ((1000, {}), (2000, {"bpd": {"total_bpd": bpd},
                                                 "digits_fd": {"digits_fd": fd}})):  # fmt: skip
-            record = {"step": step, "metrics": {"eval_loss": {"ema": 0.08}, **extra}}
+            record = {"step": step, "metrics": {"eval_loss": {"ema_loss": 0.08}, **extra}}
             (eval_dir / f"step_{step}.json").write_text(json.dumps(record))
     plan = {"cosine": {"steps": 2000, "step_s": 0.1}}
     table = dr.summarize(str(tmp_path), ["cosine"], [0, 1], plan)
