@@ -24,6 +24,7 @@ Screening (about 3-4 minutes of 2 CPU cores per run)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -142,8 +143,75 @@ def curve(workdir: str) -> dict[int, dict[str, float]]:
     return points
 
 
-def summarize(out: str, names: list[str], seeds: list[int], plan: dict) -> str:
-    """A markdown table: the last point of each curve, mean over seeds [min-max]."""
+@functools.cache
+def _classifier(out: str):
+    """The digits classifier of evaluation during training, its config, the train images and
+    the reference statistics of its features on each split (test: the metric of
+    ``diffjax evaluate``; train: 1,500 digits, the reference that resolves a model near the
+    data's own floor)."""
+    from diffjax.data import pipeline
+    from diffjax.evaluation import digits_classifier as dc
+    from diffjax.evaluation import fid
+
+    config = digits_config({})
+    train = pipeline.load_split_as_array(config, config.data.train_split)
+    test = pipeline.load_split_as_array(config, config.data.eval_split)
+    cfg = dc.ClassifierConfig(num_classes=int(config.data.num_classes))
+    cache = os.path.join(out, "classifier_digits_test.npz")
+    params, _, _ = dc.get_classifier(train, test, cache_path=cache, cfg=cfg)
+    refs = {name: fid.compute_statistics(dc.classifier_outputs(params, split[0], cfg)[0])
+            for name, split in (("test", test), ("train", train))}  # fmt: skip
+    return params, cfg, train[0], refs
+
+
+def fd_against(out: str, images) -> dict[str, float]:
+    """digits_fd of uint8 ``images`` [N, 8, 8, 1] against the test and the train split."""
+    from diffjax.evaluation import digits_classifier as dc
+    from diffjax.evaluation import fid
+
+    params, cfg, _, refs = _classifier(out)
+    stats = fid.compute_statistics(dc.classifier_outputs(params, images, cfg)[0])
+    return {name: float(fid.frechet_distance_stats(stats, ref)) for name, ref in refs.items()}
+
+
+def real_data_floor(out: str, num: int, seeds: list[int]) -> list[dict[str, float]]:
+    """digits_fd of ``num`` real training digits (drawn per seed): what a generator that had
+    learnt the training distribution exactly would score."""
+    import numpy as np
+
+    train_images = _classifier(out)[2]
+    return [fd_against(out, train_images[np.random.default_rng(seed).choice(
+        train_images.shape[0], num, replace=False)]) for seed in seeds]  # fmt: skip
+
+
+def score(workdir: str, out: str, num: int = 512, seeds: tuple[int, ...] = (0, 1)) -> dict:
+    """digits_fd against both splits of ``num`` DPM-Solver++-20 samples of the run's EMA
+    parameters per sample seed, mean over ``seeds``; kept in ``workdir/score.json``."""
+    path = os.path.join(workdir, "score.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    import jax
+    import numpy as np
+
+    from diffjax.run import load_run
+
+    run = load_run(workdir)
+    values = []
+    for seed in seeds:
+        x = np.asarray(run.sample(jax.random.key(seed), num, sampler="dpm++", steps=20))
+        values.append(fd_against(out, np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)))
+    result = {name: statistics.fmean(v[name] for v in values) for name in values[0]}
+    with open(path, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def summarize(
+    out: str, names: list[str], seeds: list[int], plan: dict, with_scores: bool = False
+) -> str:
+    """A markdown table: the last point of each curve, mean over seeds (min-max); with
+    ``with_scores`` also digits_fd against the train split (:func:`score`)."""
 
     def cell(values: list[float], fmt: str) -> str:
         if not values:
@@ -151,14 +219,19 @@ def summarize(out: str, names: list[str], seeds: list[int], plan: dict) -> str:
         mean = statistics.fmean(values)
         return f"{mean:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
-    rows = ["| recipe | overrides | steps | s/step | digits_fd (middle) | digits_fd | bits/dim "
-            "| eval loss |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = ["| recipe | overrides | steps | s/step | digits_fd (middle) | digits_fd | digits_fd "
+            "vs train | bits/dim | eval loss |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name in names:
-        ends: dict[str, list[float]] = {"mid": [], "digits_fd": [], "bpd": [], "eval_loss": []}
+        ends: dict[str, list[float]] = {"mid": [], "digits_fd": [], "bpd": [], "eval_loss": [],
+                                        "train": []}  # fmt: skip
         for seed in seeds:
-            points = curve(os.path.join(out, name, f"seed{seed}"))
+            workdir = os.path.join(out, name, f"seed{seed}")
+            points = curve(workdir)
             if not points:
                 continue
+            if with_scores and os.path.exists(os.path.join(workdir, "done")):
+                ends["train"].append(score(workdir, out)["train"])
             steps = sorted(p for p in points if "digits_fd" in points[p])
             last = points[max(points)]
             for key in ("digits_fd", "bpd", "eval_loss"):
@@ -170,6 +243,7 @@ def summarize(out: str, names: list[str], seeds: list[int], plan: dict) -> str:
         rows.append(
             f"| {name} | {overrides} | {plan[name]['steps']} | {plan[name]['step_s']:.4f} | "
             f"{cell(ends['mid'], '.2f')} | {cell(ends['digits_fd'], '.2f')} | "
+            f"{cell(ends['train'], '.2f')} | "
             f"{cell(ends['bpd'], '.3f')} | {cell(ends['eval_loss'], '.4f')} |"
         )
     return "\n".join(rows)
@@ -195,6 +269,12 @@ def main() -> None:
     p.add_argument("--plan-only", action="store_true", help="time the steps, train nothing")
     p.add_argument("--summary-only", action="store_true", help="print the table of finished runs")
     p.add_argument("--list", action="store_true", help="print the recipes and exit")
+    p.add_argument(
+        "--floor",
+        type=int,
+        default=0,
+        help="also score this many real training digits per seed (the data's floor)",
+    )
     args = p.parse_args()
     if args.list:
         for name, overrides in RECIPES.items():
@@ -235,7 +315,13 @@ def main() -> None:
                 train(args.out, name, seed, plan[name]["steps"], RECIPES[name], args.mid)
                 print(f"{name} seed {seed}: {time.time() - t0:.0f} s", flush=True)
                 print(summarize(args.out, names, seeds, plan), flush=True)
-    print(summarize(args.out, names, seeds, plan))
+    print(summarize(args.out, names, seeds, plan, with_scores=True))
+    if args.floor:
+        values = real_data_floor(args.out, args.floor, seeds)
+        for split in ("test", "train"):
+            v = [x[split] for x in values]
+            print(f"real training digits ({args.floor} per seed), digits_fd against the {split} "
+                  f"split: {statistics.fmean(v):.2f} ({min(v):.2f}-{max(v):.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":
