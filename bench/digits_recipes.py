@@ -43,6 +43,12 @@ RECIPES: dict[str, dict[str, object]] = {
     "default": {},
     "lr2e-3": {"optimizer.learning_rate": 2e-3},
     "lr5e-4": {"optimizer.learning_rate": 5e-4},
+    "lr3e-3": {"optimizer.learning_rate": 3e-3},
+    "lr2e-3-ema0.999w": {
+        "optimizer.learning_rate": 2e-3,
+        "training.ema_decay": 0.999,
+        "training.ema_warmup": True,
+    },
     "warmup500": {"optimizer.warmup_steps": 500},
     "ema0.999": {"training.ema_decay": 0.999},
     "ema0.99": {"training.ema_decay": 0.99},

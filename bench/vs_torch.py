@@ -93,9 +93,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(environment(args.kernels))
+    # What torch dispatches to: ATen's vector kernels (ATEN_CPU_CAPABILITY can hold them to
+    # avx2) and oneDNN's (ONEDNN_MAX_CPU_ISA), for a run that stands for another CPU.
     print(
         f"torch threads: {torch.get_num_threads()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"ATen CPU capability: {torch.backends.cpu.get_cpu_capability()}, "
+        f"MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')!r}"
     )
 
     dtypes = args.dtypes.split(",")

@@ -41,7 +41,7 @@ CASES = {
     ),
     "sampler_quality": (
         "sampler_quality.py --workdir={run} --num=4 --seeds=0 --rows=ddim:2,dpm++:2".split(),
-        r"\| dpm\+\+ \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+        r"\| dpm\+\+ \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
     ),
     "recipe": (
         "recipe.py --config=digits --batch=4 --steps=2 --runs=1 --warmup=1 --samples=2 "
