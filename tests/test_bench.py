@@ -128,7 +128,8 @@ def test_digits_recipes_plan_table_and_cost_keys(tmp_path, monkeypatch):
     import digits_recipes as dr
 
     assert dr.cost_key(dr.RECIPES["cosine"]) == dr.cost_key({}) == "{}"
-    assert dr.cost_key(dr.RECIPES["ch64-g16"]) == '{"model.ch": 64, "model.num_groups": 16}'
+    assert dr.cost_key(dr.RECIPES["ch64-g16"]) == '{"model.ch": 64}'
+    assert dr.cost_key(dr.RECIPES["groups4"]) == "{}"
     assert dr.cost_key(dr.RECIPES["batch128"]) != dr.cost_key(dr.RECIPES["batch32"])
     config = dr.digits_config({"model.ch": 48, "optimizer.decay": "cosine"})
     assert config.model.ch == 48 and config.optimizer.decay == "cosine"
