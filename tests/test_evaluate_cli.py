@@ -146,6 +146,7 @@ def test_end_to_end_on_a_tiny_run(tiny_run, tmp_path, capsys):
     assert d["num_samples"] == 16 and d["reference"] == {"split": "test", "num": 16}
     assert d["digits_fd"] > 0 and 1.0 <= d["digits_is"] <= 10.0
     assert d["classifier"]["test_accuracy"] > 0.9
+    assert 0 < d["real_train_fd"] < d["digits_fd"]  # real digits beat a 5-step model's samples
     assert d["sampling"]["sampler"] == "ddim" and d["sampling"]["steps"] == 3
     assert d["sampling"]["params"] == "ema" and d["sampling"]["seed"] == 1
 

@@ -153,3 +153,22 @@ def test_bad_arguments_name_the_value():
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match="num_splits=0"):
         fid.inception_score(np.zeros((4, 3)), num_splits=0)
+
+
+def test_real_train_fd_is_zero_for_the_reference_itself_and_positive_for_a_subset():
+    # real_train_fd: FD(real draw, reference) with the classifier's features. All the training
+    # images against their own statistics give FD(X, X) = 0 (up to the matrix square root's
+    # error); asking for more images than exist takes them all; a subset differs from the whole.
+    import jax
+
+    from diffjax.evaluation import digits_classifier as dc
+    from diffjax.evaluation.run_metrics import real_train_fd
+
+    cfg = dc.ClassifierConfig(hidden=(32, 16))
+    model = dc.MLPClassifier(cfg.hidden, cfg.num_classes)
+    params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))["params"]
+    images = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
+    reference = fid.compute_statistics(dc.classifier_outputs(params, images, cfg)[0])
+    for num in (200, 500):
+        assert abs(real_train_fd(images, num, reference, params, cfg)) < 1e-3
+    assert real_train_fd(images, 50, reference, params, cfg) > 1e-3

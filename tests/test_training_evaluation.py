@@ -88,6 +88,7 @@ def test_records_and_tensorboard_scalars(evaluated):
     assert len(bpd["terms_bpd"]) == 20 and math.isfinite(bpd["total_bpd"])
     fd = last["metrics"]["digits_fd"]
     assert fd["num_samples"] == 16 and fd["digits_fd"] > 0 and 1.0 <= fd["digits_is"] <= 10.0
+    assert 0 < fd["real_train_fd"] < fd["digits_fd"]  # 16 real digits beat 2-step samples
     # The sampler and step count it used are recorded with it.
     assert fd["sampling"]["sampler"] == "dpm++" and fd["sampling"]["steps"] == 2
     # The digits classifier is trained once and cached in the run.
@@ -96,7 +97,7 @@ def test_records_and_tensorboard_scalars(evaluated):
     scalars = viz.read_scalars(workdir)
     for tag in ("eval/loss", "eval/ema_loss"):
         assert scalars[tag][0].tolist() == [2, 4], tag
-    for tag in ("eval/bpd", "eval/digits_fd", "eval/digits_is"):
+    for tag in ("eval/bpd", "eval/digits_fd", "eval/digits_is", "eval/digits_fd_real"):
         assert scalars[tag][0].tolist() == [4], tag
     assert scalars["eval/bpd"][1][0] == pytest.approx(bpd["total_bpd"], rel=1e-6)
     assert scalars["eval/loss"][1][1] == pytest.approx(loss["loss"], rel=1e-6)

@@ -342,6 +342,7 @@ def run_quality(ev: Evaluator, out: Outputs, progress: Progress) -> Progress:
     scalars = {f"eval/{tag}": results[m][k] for m, (k, tag) in _SCALARS.items() if m in results}
     if "digits_fd" in results:
         scalars["eval/digits_is"] = results["digits_fd"]["digits_is"]
+        scalars["eval/digits_fd_real"] = results["digits_fd"]["real_train_fd"]
     out.writer.write_scalars(step, scalars)
     if samples is not None:
         out.writer.write_image(step, "eval/samples", images.make_grid(samples[:_GRID_IMAGES]))

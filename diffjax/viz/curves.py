@@ -207,8 +207,10 @@ def vlb_terms(
     return save_figure(fig, path, svg=True)
 
 
-# Last parts of the tags of sample metrics (Frechet distances: lower is better).
-_FD_TAGS = ("digits_fd", "fid")
+# Last parts of the tags of sample metrics (Frechet distances: lower is better), and of the
+# score of real training images on the same metric (its floor), drawn dashed.
+_FD_TAGS = ("digits_fd", "fid", "digits_fd_real")
+_FLOOR_LABELS = {"digits_fd_real": "real training digits"}
 
 
 def evaluation_curves(
@@ -223,7 +225,8 @@ def evaluation_curves(
     Panels (``diffjax.training.evaluation`` writes the ``eval/`` tags): the training loss
     (smoothed as in :func:`training_curves`) with the fixed-noise eval losses (``eval/loss``,
     ``eval/ema_loss``); bits/dim (``eval/bpd``); the sample metric's Frechet distance
-    (``eval/digits_fd`` or ``eval/fid``). A panel without data is left out.
+    (``eval/digits_fd`` or ``eval/fid``), with what as many real training digits score
+    (``eval/digits_fd_real``, dashed: the metric's floor). A panel without data is left out.
 
     :param size_px: (width, height) of the PNG in pixels; an SVG is written next to it.
     :raises ValueError: no ``eval/`` scalar (the message lists the tags found).
@@ -255,6 +258,9 @@ def evaluation_curves(
                     ax.plot(steps, values, color=f"C{i}", alpha=0.25, lw=0.8)
                     values = _smooth(values, weight)
                 ax.plot(steps, values, color=f"C{i}", lw=1.4, label=f"{tag} (training)")
+            elif tag.rsplit("/", 1)[-1] in _FLOOR_LABELS:
+                label = f"{tag} ({_FLOOR_LABELS[tag.rsplit('/', 1)[-1]]})"
+                ax.plot(steps, values, color="0.4", ls="--", marker="o", ms=3, lw=1.0, label=label)
             else:
                 ax.plot(steps, values, color=f"C{i}", marker="o", ms=3, lw=1.4, label=tag)
         if title == "loss" and all((scalars[t][1] > 0).all() for t in tags):
