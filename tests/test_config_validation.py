@@ -57,6 +57,7 @@ def _valid_config() -> ml_collections.ConfigDict:
         log_every_steps=1,
         keep_checkpoints=2,
         ema_decay=0.999,
+        ema_warmup=False,
         class_dropout=0.1,
         nan_policy="stop",
         max_consecutive_skips=3,
@@ -65,7 +66,13 @@ def _valid_config() -> ml_collections.ConfigDict:
         watchdog_first_seconds=0.0,
     )
     c.optimizer = dict(
-        learning_rate=2e-4, warmup_steps=0, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8
+        learning_rate=2e-4,
+        warmup_steps=0,
+        decay="constant",
+        grad_clip=1.0,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
     )
     c.sampling = dict(
         num_samples=4,

@@ -53,6 +53,7 @@ SCHEMA = {
         "log_every_steps",
         "keep_checkpoints",
         "ema_decay",
+        "ema_warmup",
         "class_dropout",
         "nan_policy",
         "max_consecutive_skips",
@@ -60,7 +61,7 @@ SCHEMA = {
         "watchdog_min_seconds",
         "watchdog_first_seconds",
     },
-    "optimizer": {"learning_rate", "warmup_steps", "grad_clip", "beta1", "beta2", "eps"},
+    "optimizer": {"learning_rate", "warmup_steps", "decay", "grad_clip", "beta1", "beta2", "eps"},
     "sampling": {
         "num_samples",
         "sampler",

@@ -260,5 +260,6 @@ def test_config_changes_are_listed_on_resume(baseline, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="absl"):  # whatever verbosity an earlier test left
         training.train_and_evaluate(config, workdir)  # nothing to train: already at step 4
     warning = "\n".join(r.getMessage() for r in caplog.records)
-    assert "optimizer.learning_rate: 0.001 -> 0.0005" in warning
+    before = tiny_config().optimizer.learning_rate
+    assert f"optimizer.learning_rate: {before} -> 0.0005" in warning
     assert json.loads((workdir / "config.json").read_text())["optimizer"]["learning_rate"] == 5e-4
