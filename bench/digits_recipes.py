@@ -186,13 +186,14 @@ def fd_against(out: str, images) -> dict[str, float]:
 
 
 def real_data_floor(out: str, num: int, seeds: list[int]) -> list[dict[str, float]]:
-    """digits_fd of ``num`` real training digits (drawn per seed): what a generator that had
-    learnt the training distribution exactly would score."""
-    import numpy as np
+    """digits_fd of ``num`` real training digits (drawn per seed, as evaluation's
+    ``real_train_fd`` draws them) against each split: what a generator that had learnt the
+    training distribution exactly would score."""
+    from diffjax.evaluation.run_metrics import real_train_fd
 
-    train_images = _classifier(out)[2]
-    return [fd_against(out, train_images[np.random.default_rng(seed).choice(
-        train_images.shape[0], num, replace=False)]) for seed in seeds]  # fmt: skip
+    params, cfg, train_images, refs = _classifier(out)
+    return [{name: real_train_fd(train_images, num, ref, params, cfg, seed=seed)
+             for name, ref in refs.items()} for seed in seeds]  # fmt: skip
 
 
 def score(workdir: str, out: str, num: int = 512, seeds: tuple[int, ...] = (0, 1)) -> dict:

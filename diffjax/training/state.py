@@ -38,15 +38,19 @@ class TrainState(train_state.TrainState):
     ema_params: PyTree = None
 
 
-def _constant_after_warmup(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
+def _constant_after_warmup(
+    opt: ml_collections.ConfigDict, num_train_steps: int | None
+) -> optax.Schedule:
     if opt.warmup_steps == 0:
         # optax.linear_schedule with 0 transition steps would stay at its *initial* value.
         return optax.constant_schedule(opt.learning_rate)
     return optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
 
 
-def _cosine_after_warmup(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
-    if num_train_steps <= opt.warmup_steps:
+def _cosine_after_warmup(
+    opt: ml_collections.ConfigDict, num_train_steps: int | None
+) -> optax.Schedule:
+    if num_train_steps is None or num_train_steps <= opt.warmup_steps:
         raise ValueError(
             f"optimizer.decay='cosine' needs training.num_train_steps ({num_train_steps}) > "
             f"optimizer.warmup_steps ({opt.warmup_steps})"
@@ -79,9 +83,7 @@ def create_learning_rate_fn(
     decay = opt.get("decay", "constant")
     if decay not in _LR_DECAYS:
         raise ValueError(f"optimizer.decay must be one of {', '.join(_LR_DECAYS)}, got {decay!r}")
-    if decay != "constant" and num_train_steps is None:
-        raise ValueError(f"optimizer.decay={decay!r} needs num_train_steps")
-    return _LR_DECAYS[decay](opt, num_train_steps or 0)
+    return _LR_DECAYS[decay](opt, num_train_steps)
 
 
 def create_optimizer(
