@@ -61,6 +61,17 @@ CASES = {
         r"all convolutions of one train step \(forward \+ backward\): diffjax [\d.]+ s, "
         r"torch [\d.]+ s, torch/diffjax [\d.]+x",
     ),
+    "tuning_ab": (
+        # F(4x4) at batch 2 on 8x8 maps only with its row minimum lowered: the digits U-Net's
+        # 32-channel 8x8 convolutions (forward) leave XLA.
+        "tuning_ab.py --workload=digits --batch=2 --runs=1 --forward "
+        "--variant=winograd4_min_rows=8 --variant=".split(),
+        r"digits b2 float32 forward, 1 alternating rounds\n"
+        r"  compiled winograd4_min_rows=8 in [\d.]+ s: 13 XLA convolutions \(the rest Winograd\)\n"
+        r"  compiled \(as committed\) in [\d.]+ s: 20 XLA convolutions(.|\n)*"
+        r" +[\d.]+ s +1\.000x the first +winograd4_min_rows=8 +runs (.|\n)*"
+        r" +[\d.]+ s +[\d.]+x the first +\(as committed\)",
+    ),
 }
 
 
@@ -88,6 +99,13 @@ def test_benchmark_runs_and_reports(name, tmp_path, request):
     res = _bench(*(a.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) for a in args))
     assert res.returncode == 0, res.stderr[-3000:]
     assert re.search(pattern, res.stdout), res.stdout[-3000:]
+
+
+def test_tuning_ab_names_a_bad_field_and_the_allowed_ones():
+    res = _bench("tuning_ab.py", "--variant=winograd_channels=8", timeout=120)
+    assert res.returncode != 0
+    assert "--variant field 'winograd_channels'; allowed: " in res.stderr
+    assert "winograd_min_channels" in res.stderr and "Traceback" not in res.stderr
 
 
 def _trace_summary():

@@ -290,18 +290,15 @@ def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
 
 
 def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
-    for fast in (True, False):  # products on oneDNN or on XLA
-        assert W.use_winograd((16, 32, 32, 128), 128, fast)
-        assert W.use_winograd((1, 16, 16, 512), 256, fast)
-        assert not W.use_winograd((16, 8, 8, 256), 256, fast)  # small maps
-        assert W.use_winograd((64, 16, 16, 64), 64, fast)
-        assert not W.use_winograd((16, 32, 32, 256), 3, fast)  # narrow output (conv_out)
-        assert not W.use_winograd((16, 32, 32, 16), 128, fast)  # narrow input
-        assert not W.use_winograd((16, 18, 17, 128), 128, fast)  # odd width: no 2x2 tiling
-    # 32 channels: worth it with oneDNN's products, not with XLA's.
-    assert W.use_winograd((64, 32, 32, 32), 32, True)
-    assert not W.use_winograd((64, 32, 32, 32), 32, False)
-    assert not W.use_winograd((64, 32, 32, 64), 32, False)  # narrow output
+    assert W.use_winograd((16, 32, 32, 128), 128)
+    assert W.use_winograd((1, 16, 16, 512), 256)
+    assert not W.use_winograd((16, 8, 8, 256), 256)  # small maps
+    assert W.use_winograd((64, 16, 16, 64), 64)
+    assert W.use_winograd((64, 32, 32, 32), 32)  # 32 channels, on oneDNN's or XLA's products
+    assert not W.use_winograd((16, 32, 32, 256), 3)  # narrow output (conv_out)
+    assert not W.use_winograd((16, 32, 32, 16), 128)  # narrow input
+    assert not W.use_winograd((64, 32, 32, 64), 16)  # narrow output
+    assert not W.use_winograd((16, 18, 17, 128), 128)  # odd width: no 2x2 tiling
     # The module with a Winograd-sized input computes the convolution plus bias, with either
     # tile (the same algorithm with or without oneDNN for these two shapes).
     # Transformed inputs: [(m + 2)^2, B H W / m^2, C].
@@ -330,7 +327,8 @@ def test_conv3x3_algorithm_by_platform_dtype_and_shape():
         (((16, 18, 18, 128), 128, 1, jnp.float32, "cpu", True), "winograd"),  # 18 = 4 * 4 + 2
         (((1, 32, 32, 128), 128, 1, jnp.float32, "cpu", True), "winograd"),  # 64-row products
         (((64, 8, 8, 64), 64, 1, jnp.float32, "cpu", True), "winograd4"),  # 256 rows, oneDNN
-        (((64, 8, 8, 64), 64, 1, jnp.float32, "cpu", False), "xla"),
+        (((64, 8, 8, 64), 64, 1, jnp.float32, "cpu", False), "winograd4"),  # 256 rows, XLA
+        (((16, 8, 8, 64), 64, 1, jnp.float32, "cpu", False), "xla"),  # 64-row products
         (((64, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu", True), "onednn"),
         (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu", True), "onednn"),
         (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "cpu", False), "dots"),
@@ -341,7 +339,9 @@ def test_conv3x3_algorithm_by_platform_dtype_and_shape():
         (((16, 8, 8, 64), 64, 1, jnp.bfloat16, "cpu", False), "xla"),
         (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", True), "winograd4"),  # oneDNN products
         (((64, 32, 32, 32), 32, 1, jnp.bfloat16, "cpu", True), "winograd"),
-        (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", False), "xla"),
+        (((64, 32, 32, 32), 32, 1, jnp.float32, "cpu", False), "winograd4"),  # XLA products
+        (((64, 32, 32, 32), 32, 1, jnp.bfloat16, "cpu", False), "winograd"),
+        (((64, 32, 32, 16), 32, 1, jnp.float32, "cpu", False), "xla"),  # 16 input channels
         # Accelerators: XLA's convolution, whatever the shape and dtype.
         (((16, 32, 32, 128), 128, 1, jnp.bfloat16, "gpu", True), "xla"),
         (((16, 8, 8, 256), 256, 1, jnp.bfloat16, "tpu", True), "xla"),

@@ -182,7 +182,7 @@ def conv3x3_algorithm(
     """
     if platform != "cpu":
         return "xla"
-    tile = winograd.winograd_tile(shape, features, dtype, onednn_ok) if strides == 1 else 0
+    tile = winograd.winograd_tile(shape, features, dtype) if strides == 1 else 0
     if tile:
         return _WINOGRAD_ALGORITHM[tile]
     if onednn_ok:

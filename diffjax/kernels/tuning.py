@@ -21,14 +21,15 @@ class Tuning:
     """Where each tuned algorithm takes over (bench/README.md, section named per field)."""
 
     # Winograd F(2x2, 3x3): maps of at least this many pixels a side ("Winograd"), and at least
-    # this many input and output channels, by whether the products run on oneDNN (key).
+    # this many input and output channels, whether the products run on oneDNN or XLA
+    # ("Winograd for 32 channels and 8x8 maps without oneDNN").
     winograd_min_size: int = 16
-    winograd_min_channels: tuple[tuple[bool, int], ...] = ((True, 32), (False, 64))
+    winograd_min_channels: int = 32
     # Winograd F(4x4, 3x3): only in these compute dtypes (bfloat16 loses too much accuracy to
-    # its larger transform weights), on maps of at least this size (by oneDNN), where its
-    # products have at least this many rows (B H W / 16) ("Winograd F(4x4, 3x3)").
+    # its larger transform weights), on maps of at least this size, where its products have at
+    # least this many rows (B H W / 16) ("Winograd F(4x4, 3x3)").
     winograd4_dtypes: tuple[Any, ...] = (jnp.dtype(jnp.float32),)
-    winograd4_min_size: tuple[tuple[bool, int], ...] = ((True, 8), (False, 16))
+    winograd4_min_size: int = 8
     winograd4_min_rows: int = 256
     # bfloat16 3x3 convolutions with at least this many input channels run as nine bfloat16
     # products: XLA:CPU computes bfloat16 convolutions in float32 ("bfloat16 convolutions").
@@ -47,12 +48,6 @@ class Tuning:
     # (platform, compute dtype) pairs whose per-pixel sums (the gradient of the timestep
     # projection) run as a product with a vector of ones ("bfloat16 reductions").
     pixel_sum_by_product: tuple[tuple[str, Any], ...] = (("cpu", jnp.dtype(jnp.bfloat16)),)
-
-    def winograd_channels(self, onednn: bool) -> int:
-        return dict(self.winograd_min_channels)[onednn]
-
-    def winograd4_size(self, onednn: bool) -> int:
-        return dict(self.winograd4_min_size)[onednn]
 
 
 TUNING = Tuning()

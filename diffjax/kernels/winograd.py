@@ -308,23 +308,21 @@ def conv3x3_winograd(
     return _winograd(x, kernel, dtype, m, onednn)
 
 
-def use_winograd(shape: tuple[int, ...], features: int, onednn_ok: bool = False) -> bool:
+def use_winograd(shape: tuple[int, ...], features: int) -> bool:
     """Whether a stride-1 3x3 convolution of a [B, H, W, C] input may run as Winograd
     F(2x2, 3x3) (``tuning.TUNING``: from 16x16 maps, where the padded border and the transforms
-    cost relatively less, with enough channels for the products to pay for the transforms);
-    ``onednn_ok``: whether the products run on oneDNN."""
+    cost relatively less, with enough channels for the products to pay for the transforms),
+    whether its products run on oneDNN or XLA."""
     _, h, w, c = shape
     return (
         min(h, w) >= TUNING.winograd_min_size
         and h % 2 == 0
         and w % 2 == 0
-        and min(c, features) >= TUNING.winograd_channels(onednn_ok)
+        and min(c, features) >= TUNING.winograd_min_channels
     )
 
 
-def winograd_tile(
-    shape: tuple[int, ...], features: int, dtype: Any, onednn_ok: bool = False
-) -> int:
+def winograd_tile(shape: tuple[int, ...], features: int, dtype: Any) -> int:
     """Output tile m of the Winograd F(m x m, 3x3) that a stride-1 3x3 convolution of a
     [B, H, W, C] input in ``dtype`` compute runs as: 4, 2, or 0 (not Winograd).
 
@@ -336,9 +334,9 @@ def winograd_tile(
         jnp.dtype(dtype) in TUNING.winograd4_dtypes
         and h % 4 == 0
         and w % 4 == 0
-        and min(h, w) >= TUNING.winograd4_size(onednn_ok)
+        and min(h, w) >= TUNING.winograd4_min_size
         and b * h * w // 16 >= TUNING.winograd4_min_rows
-        and min(c, features) >= TUNING.winograd_channels(onednn_ok)
+        and min(c, features) >= TUNING.winograd_min_channels
     ):
         return 4
-    return 2 if use_winograd(shape, features, onednn_ok) else 0
+    return 2 if use_winograd(shape, features) else 0
