@@ -23,8 +23,18 @@ unset):
     python bench/soak.py --cells small32:float32:train_step:64:1 --onednn on
 
 ``--isa AVX2`` sets ``ONEDNN_MAX_CPU_ISA=AVX2`` and XLA's ``--xla_cpu_max_isa=AVX2`` in the
-children (how faithful that is: bench/README.md). ``--onednn on`` opts the children in to
-oneDNN (``DIFFJAX_ONEDNN=1``). The exit status is 1 when any run hung or crashed.
+children: XLA's own code and oneDNN then use AVX2, but YNNPACK (XLA:CPU's convolutions,
+products and reductions) still picks its AVX-512 kernels from CPUID (bench/README.md, "How
+faithful holding to AVX2 is"). ``--qemu EPYC-Milan`` runs each child under ``qemu-x86_64 -cpu
+EPYC-Milan`` (Debian's ``qemu-user``), whose CPUID is a Zen 3's (AVX2 + FMA, no AVX-512), so every
+library picks the kernels it would pick there and any AVX-512 instruction is a SIGILL; it implies
+``--isa AVX2``, because qemu-user passes the host's /proc/cpuinfo through to the gates that read it.
+Emulated children are about 10x slower to compile and 100x slower to run: digits cells only.
+``--onednn on`` opts the children in to oneDNN (``DIFFJAX_ONEDNN=1``). The exit status is 1
+when any run hung or crashed::
+
+    python bench/soak.py --qemu EPYC-Milan --idle 300 --timeout 1800 \
+        --cells digits:float32:jit_apply:2:1,digits:bfloat16:jit_apply:2:1
 """
 
 from __future__ import annotations
@@ -300,13 +310,22 @@ class Result:
     log: str
 
 
-def run_one(cell: Cell, env: dict[str, str], idle: float, timeout: float, logs: Path) -> Result:
+def run_one(
+    cell: Cell,
+    env: dict[str, str],
+    idle: float,
+    timeout: float,
+    logs: Path,
+    prefix: tuple[str, ...] = (),
+) -> Result:
+    """Run ``cell`` in a fresh process (``prefix``: e.g. qemu-x86_64 and its flags) under the
+    watchdog."""
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / (cell.spec().replace(":", "_") + f"_{time.strftime('%H%M%S')}.log")
     t0 = time.monotonic()
     with open(log, "w+") as out:
         child = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", cell.spec()],
+            [*prefix, sys.executable, str(Path(__file__).resolve()), "--worker", cell.spec()],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -347,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=60, help="cells drawn from the matrix")
     p.add_argument("--cells", help="'repros', 'quick', or a comma list WORKLOAD:DTYPE:OP:B:D[:S]")
     p.add_argument("--isa", default=None, help="hold oneDNN and XLA to this ISA, e.g. AVX2")
+    p.add_argument(
+        "--qemu", default=None, help="run children under qemu-x86_64 -cpu MODEL, e.g. EPYC-Milan"
+    )
     p.add_argument("--onednn", choices=("default", "on"), default="default")
     p.add_argument("--idle", type=float, default=30.0, help="seconds without CPU = a hang")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run at most")
@@ -366,15 +388,23 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
     else:
         cells = draw(args.runs, args.seed)
+    prefix = ()
+    if args.qemu:
+        qemu = shutil.which("qemu-x86_64")
+        if qemu is None:
+            p.error(f"--qemu {args.qemu}: qemu-x86_64 is not on PATH (Debian: qemu-user)")
+        prefix = (qemu, "-cpu", args.qemu)
+        args.isa = args.isa or "AVX2"
     sys.path.insert(0, str(ROOT))
     from diffjax.kernels import cpu_runtime
 
-    print(f"soak: {len(cells)} runs on {cpu_runtime.describe_cpu()}", flush=True)
+    where = f"qemu-x86_64 -cpu {args.qemu} on " if args.qemu else ""
+    print(f"soak: {len(cells)} runs on {where}{cpu_runtime.describe_cpu()}", flush=True)
     print(f"  ISA held to: {args.isa or 'no'}; oneDNN: {args.onednn}; idle {args.idle:.0f} s")
     results = []
     for i, cell in enumerate(cells, 1):
         env = child_env(cell, args.isa, args.onednn)
-        r = run_one(cell, env, args.idle, args.timeout, Path(args.logs))
+        r = run_one(cell, env, args.idle, args.timeout, Path(args.logs), prefix)
         results.append(r)
         print(f"[{i}/{len(cells)}] {r.cell}: {r.status.upper()} {r.seconds:.1f} s  {r.detail}")
         if r.status != "ok":
@@ -391,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "cpu": cpu_runtime.describe_cpu(),
                     "isa_limit": args.isa,
+                    "qemu_cpu": args.qemu,
                     "onednn": args.onednn,
                     "results": [dataclasses.asdict(r) for r in results],
                 },

@@ -19,7 +19,7 @@ a minute (57 s of a 371 s run on 2 busy CPU cores): the fixed-noise eval loss ev
 (20 x 0.3-2 s), and at steps 1000 and 2000 bits/dim on 32 test digits (about 17 s) and
 digits_fd of 512 DPM-Solver++ samples (5-9 s; the first trains the classifier), written to
 ``workdirs/digits/eval/step_<N>.json`` and TensorBoard (step 2000: 4.36 bits/dim, digits_fd
-10.98, where 512 real training digits score 11.00; the whole run took 3 min 27 s on an idle
+11.27, where 512 real training digits score 11.00; the whole run took 3 min 27 s on an idle
 Zen 4 with a warm compilation cache). ``--config.evaluation.eval_every_steps=0
 --config.evaluation.quality_every_steps=0`` turns it off.
 

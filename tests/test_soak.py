@@ -9,6 +9,7 @@ checked first, on a child that stalls without CPU and one that aborts.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,13 +19,14 @@ from _train_helpers import REPO
 SOAK = REPO / "bench" / "soak.py"
 
 
-def _soak(tmp_path, *flags, timeout):
+def _soak(tmp_path, *flags, timeout, env=None):
     out_json = tmp_path / "soak.json"
     res = subprocess.run(
         [sys.executable, str(SOAK), f"--logs={tmp_path / 'logs'}", f"--json={out_json}", *flags],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     results = json.loads(out_json.read_text())["results"] if out_json.exists() else []
     return res, results
@@ -39,6 +41,35 @@ def test_soak_detects_a_hang_and_a_crash(tmp_path):
     hang_log = open(results[0]["log"]).read()
     assert "in run_cell" in hang_log  # the child's Python stack, dumped on SIGUSR1
     assert "soak: 2 runs: 0 ok, 1 hangs, 1 crashes" in res.stdout
+
+
+def test_qemu_runs_each_child_under_the_emulator_and_holds_the_gates_to_avx2(tmp_path):
+    # A stand-in qemu-x86_64 first on PATH: it records its arguments and runs the program after
+    # "-cpu MODEL" natively, so the child's crash must come back through it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qemu-x86_64"
+    fake.write_text('#!/bin/sh\necho "$@" > "$FAKE_QEMU_ARGS"\nshift 2\nexec "$@"\n')
+    fake.chmod(0o755)
+    args_file = tmp_path / "qemu_args.txt"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env["FAKE_QEMU_ARGS"] = str(args_file)
+    cell = "digits:float32:selftest_crash:1:1"
+    res, results = _soak(tmp_path, "--qemu=Zen3Model", f"--cells={cell}", timeout=120, env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert [r["status"] for r in results] == ["crash"] and "SIGABRT" in results[0]["detail"]
+    recorded = args_file.read_text().split()
+    assert recorded[:2] == ["-cpu", "Zen3Model"] and recorded[-2:] == ["--worker", cell]
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert report["qemu_cpu"] == "Zen3Model" and report["isa_limit"] == "AVX2"
+    assert "on qemu-x86_64 -cpu Zen3Model on " in res.stdout
+
+    # Without qemu-x86_64 on PATH: one line naming the flag and the package, no traceback.
+    env["PATH"] = str(tmp_path / "empty")
+    res, _ = _soak(tmp_path, "--qemu=Zen3Model", f"--cells={cell}", timeout=60, env=env)
+    assert res.returncode == 2
+    assert "--qemu Zen3Model: qemu-x86_64 is not on PATH (Debian: qemu-user)" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.slow  # three fresh processes, each compiling a U-Net: about 1.5 minutes on 2 cores
