@@ -200,7 +200,8 @@ _BF16_CONFIG = textwrap.dedent(
 
 
 def test_bfloat16_config_on_a_cpu_without_bfloat16_builds_float32_with_one_notice():
-    # The AVX2 limit stands for an AVX2-only CPU (bench/README.md, "Testing the other ISA").
+    # The AVX2 limit stands for an AVX2-only CPU to the gate, which reads XLA_FLAGS
+    # (bench/README.md, "How faithful holding to AVX2 is").
     # Compiled without most optimizations (like the test process): only the dtype is checked.
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_max_isa=AVX2", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
