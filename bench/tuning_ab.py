@@ -42,7 +42,10 @@ def parse_variant(text: str) -> dict:
         name, _, value = item.partition("=")
         if name not in fields:
             raise SystemExit(f"--variant field {name!r}; allowed: {', '.join(sorted(fields))}")
-        out[name] = ast.literal_eval(value)
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--variant {item!r}: the value must be a Python literal") from None
     return out
 
 

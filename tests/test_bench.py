@@ -108,6 +108,9 @@ def test_tuning_ab_names_a_bad_field_and_the_allowed_ones():
     assert res.returncode != 0
     assert "--variant field 'winograd_channels'; allowed: " in res.stderr
     assert "winograd_min_channels" in res.stderr and "Traceback" not in res.stderr
+    res = _bench("tuning_ab.py", "--variant=winograd_min_channels=abc", timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "'winograd_min_channels=abc': the value must be a Python literal" in res.stderr
 
 
 def _trace_summary():
