@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny_unet import randomized
 
 from diffjax.kernels import cpu_runtime
+from diffjax.models import init_params
 from diffjax.models.unet import UNet
 
 # A program with ~512 MB of temporaries per call (YNNPACK materialises the [8192, 8192] product
@@ -115,12 +117,7 @@ def test_float32_fusion_types_change_no_loss_or_gradient(monkeypatch):
     noise = jax.random.normal(kn, x.shape)
     # Random leaves everywhere: the zero-initialised output convolutions would make the output
     # 0 and every gradient but theirs vanish, hiding what the fusions compute.
-    initial = model.init(kp, x, t, train=False)["params"]
-    leaves, tree = jax.tree.flatten(initial)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [0.2 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
-    )
+    params = randomized(init_params(model, kp, 8, 3))
 
     def loss(p):
         return jnp.mean(jnp.square(model.apply({"params": p}, x, t, train=False) - noise))

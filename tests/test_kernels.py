@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny_unet import randomized
 
 from diffjax import kernels
 from diffjax.kernels import conv, plain
+from diffjax.models import init_params
 from diffjax.models.unet import UNet
 
 TUNED = kernels.select("tuned", "cpu")
@@ -122,15 +124,12 @@ def _unet_loss(kernels_name, dtype=jnp.float32):
     )
     x, noise = _normal(5, (4, 8, 8, 1), (4, 8, 8, 1))  # [B, H, W, C]
     t = jnp.array([0, 10, 500, 999])
-    params = model.init(jax.random.key(6), x, t, train=False)["params"]
-    leaves, tree = jax.tree.flatten(params)
-    # Random leaves everywhere: the zero-initialised output convolutions would hide the rest.
-    leaves = [0.2 * a for a in _normal(7, *(p.shape for p in leaves))]
+    params = randomized(init_params(model, jax.random.key(6), 8, 1), seed=7)
 
     def loss(p):
         return jnp.mean(jnp.square(model.apply({"params": p}, x, t, train=False) - noise))
 
-    return loss, jax.tree.unflatten(tree, leaves)
+    return loss, params
 
 
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
@@ -139,8 +138,8 @@ def test_the_unet_is_the_same_function_with_either_kernels(dtype, rtol):
     # gradient. In bfloat16 both round activations to 8 bits at every layer, at different
     # places (the tuned kernels round once where the plain ones round twice): ~1e-2.
     (l_t, g_t), (l_p, g_p) = (
-        jax.jit(jax.value_and_grad(_unet_loss(name, dtype)[0]))(_unet_loss(name, dtype)[1])
-        for name in ("tuned", "plain")
+        jax.jit(jax.value_and_grad(loss))(params)
+        for loss, params in (_unet_loss(name, dtype) for name in ("tuned", "plain"))
     )
     np.testing.assert_allclose(l_t, l_p, rtol=rtol)
     scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(g_p))

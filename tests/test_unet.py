@@ -15,6 +15,7 @@ from _conv_reference import (
     conv_and_grads,
     float64_case,
 )
+from _tiny_unet import randomized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,22 +45,13 @@ def _count(model, size, channels):
     return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
 
 
-def _randomize(params, seed=1, std=0.2):
-    """Replace every leaf by N(0, std^2) noise: the zero-initialised output convs would otherwise
-    make the network output identically 0 and hide everything the tests look at."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [std * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(tree, new)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model = UNet(**TINY, out_channels=CH)
     initial = init_params(model, jax.random.key(0), SIZE, CH)
     x = jax.random.normal(jax.random.key(2), (2, SIZE, SIZE, CH))
     t = jnp.array([0, 999], jnp.int32)
-    return model, _randomize(initial), x, t, initial
+    return model, randomized(initial), x, t, initial
 
 
 def test_param_count_matches_reference_cifar10_and_256():
@@ -308,7 +300,7 @@ def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():
     ):
         conv = L.Conv3x3(features=shape[-1])
         x = jax.random.normal(jax.random.key(7), shape)
-        params = _randomize(conv.init(jax.random.key(8), x)["params"])
+        params = randomized(conv.init(jax.random.key(8), x)["params"])
         jaxpr = str(jax.make_jaxpr(conv.apply)({"params": params}, x))
         assert "conv_general_dilated" not in jaxpr  # Winograd's products, not XLA's convolution
         assert tiles in jaxpr
@@ -367,7 +359,7 @@ def test_group_count_decides_whether_a_resblock_sees_the_timestep():
     t1, t2 = (jax.random.normal(jax.random.key(k), (2, 128)) for k in (7, 8))
     for groups, sees_t in ((32, False), (8, True)):
         block = ResnetBlock(32, 0.0, num_groups=groups)
-        params = _randomize(block.init(jax.random.key(0), x, t1, train=False), std=0.3)
+        params = randomized(block.init(jax.random.key(0), x, t1, train=False), std=0.3)
         a, b = (np.asarray(block.apply(params, x, t, train=False)) for t in (t1, t2))
         # Float32 rounding of O(1) values: <= 1e-5 when equal; an embedding that reaches the
         # output changes it by O(0.1) with these weights.
@@ -378,7 +370,7 @@ def test_group_count_decides_whether_a_resblock_sees_the_timestep():
 def test_attention_block_matches_float64_reference():
     block = AttnBlock()
     x = jax.random.normal(jax.random.key(3), (2, 4, 4, 32))
-    params = _randomize(block.init(jax.random.key(0), x), std=0.3)
+    params = randomized(block.init(jax.random.key(0), x), std=0.3)
     got = np.asarray(block.apply(params, x))
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
     xn = np.asarray(x, np.float64)
@@ -426,7 +418,7 @@ def test_softmax_and_its_vjp_match_the_float64_closed_form(rows, cols, offset, s
 def test_dense_result_dtype_keeps_the_float32_sum_unrounded():
     x = jax.random.normal(jax.random.key(7), (3, 5, 16))
     rounded, kept = L.Dense(8, jnp.bfloat16), L.Dense(8, jnp.bfloat16, result_dtype=jnp.float32)
-    params = _randomize(rounded.init(jax.random.key(0), x), std=0.3)
+    params = randomized(rounded.init(jax.random.key(0), x), std=0.3)
     assert jax.tree.structure(params) == jax.tree.structure(kept.init(jax.random.key(0), x))
     got = kept.apply(params, x)
     assert got.dtype == jnp.float32 and rounded.apply(params, x).dtype == jnp.bfloat16
@@ -495,7 +487,7 @@ def test_bfloat16_init_and_apply_at_batch_1_and_2(tiny, batch, jitted):
 def test_class_conditioning_and_null_class(tiny):
     _, _, x, t, _ = tiny
     model = UNet(**TINY, out_channels=CH, num_classes=3)
-    params = _randomize(init_params(model, jax.random.key(0), SIZE, CH))
+    params = randomized(init_params(model, jax.random.key(0), SIZE, CH))
     assert params["class_embed"]["embedding"].shape == (4, 4 * TINY["ch"])  # + null row
     fwd = jax.jit(lambda y: model.apply({"params": params}, x, t, y, train=False))
     np.testing.assert_array_equal(np.asarray(fwd(None)), np.asarray(fwd(jnp.array([3, 3]))))
