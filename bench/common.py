@@ -62,9 +62,12 @@ def make_model(name: str, dtype=jnp.float32, kernels: str = "tuned") -> tuple[UN
     return UNet(**fields, dtype=dtype, kernels=kernels), size, channels
 
 
-def make_train_step(model: UNet, lr: float = 2e-4) -> tuple[Callable, optax.GradientTransformation]:
+def make_train_step(
+    model: UNet, lr: float = 2e-4, xla_options: dict[str, str] | None = None
+) -> tuple[Callable, optax.GradientTransformation]:
     """Jitted train step: forward + MSE to the target + backward + Adam update (params donated),
-    compiled with ``cpu_runtime``'s fusion types for the model's compute dtype."""
+    compiled with ``cpu_runtime``'s fusion types for the model's compute dtype, updated with
+    ``xla_options`` (an A/B's per-program XLA options)."""
     opt = optax.adam(lr)
 
     def loss_fn(params, x, t, target, rng):
@@ -81,6 +84,7 @@ def make_train_step(model: UNet, lr: float = 2e-4) -> tuple[Callable, optax.Grad
         if YNN_FUSIONS
         else {}
     )
+    options = {**options, **(xla_options or {})}
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=options), opt
 
 

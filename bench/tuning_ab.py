@@ -3,7 +3,9 @@ table (``diffjax.kernels.tuning.TUNING``), the steps alternating so that a slow 
 machine slows every variant alike.
 
 Each ``--variant`` is a ``;``-separated list of ``field=value`` overrides of ``Tuning`` (values
-are Python literals; the empty string is the table as committed). Every variant is traced and
+are Python literals; the empty string is the table as committed) and of ``xla:option=value``
+per-program XLA options over the ones ``cpu_runtime`` chooses (values as written: for the
+YNNPACK fusion types an empty value is none). Every variant is traced and
 compiled with its table in place, then the compiled steps run in turn, ``--runs`` rounds after
 two warm-up rounds; each variant's median is compared with the first's::
 
@@ -11,6 +13,8 @@ two warm-up rounds; each variant's median is compared with the first's::
         --variant "winograd_min_channels=64;winograd4_min_size=16" --variant ""
     python bench/tuning_ab.py --workload small32 --batch 8 --forward --variant "" \
         --variant "winograd_min_channels=64"
+    python bench/tuning_ab.py --workload small32 --batch 64 --runs 9 --variant "" \
+        --variant "xla:xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
 """
 
 from __future__ import annotations
@@ -33,20 +37,29 @@ import diffjax.kernels.tuned  # noqa: E402, F401  (imports every module that bin
 from diffjax.kernels import cpu_runtime, tuning  # noqa: E402
 from diffjax.models import init_params  # noqa: E402
 
+XLA_PREFIX = "xla:"
 
-def parse_variant(text: str) -> dict:
-    """'a=1;b=(2, 3)' -> {'a': 1, 'b': (2, 3)}, each field checked against ``Tuning``."""
+
+def parse_variant(text: str) -> tuple[dict, dict[str, str]]:
+    """'a=1;b=(2, 3);xla:o=V' -> ({'a': 1, 'b': (2, 3)}, {'o': 'V'}): the ``Tuning`` overrides,
+    each field checked against ``Tuning``, and the XLA options (checked by XLA at compile)."""
     fields = {f.name for f in dataclasses.fields(tuning.Tuning)}
-    out = {}
+    out, options = {}, {}
     for item in filter(None, (part.strip() for part in text.split(";"))):
         name, _, value = item.partition("=")
+        if name.startswith(XLA_PREFIX) and len(name) > len(XLA_PREFIX):
+            options[name[len(XLA_PREFIX) :]] = value
+            continue
         if name not in fields:
-            raise SystemExit(f"--variant field {name!r}; allowed: {', '.join(sorted(fields))}")
+            raise SystemExit(
+                f"--variant field {name!r}; allowed: {', '.join(sorted(fields))}, "
+                f"or {XLA_PREFIX}<XLA option>"
+            )
         try:
             out[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise SystemExit(f"--variant {item!r}: the value must be a Python literal") from None
-    return out
+    return out, options
 
 
 def _install(table: tuning.Tuning) -> None:
@@ -62,9 +75,18 @@ def _convolutions(compiled) -> int:
     return sum(" convolution(" in line for line in compiled.as_text().splitlines())
 
 
-def compile_variant(model, size, channels, batch, forward: bool, table: tuning.Tuning):
-    """(a callable running one compiled step (or forward) of ``model`` traced under ``table``,
-    how many convolutions XLA runs in it)."""
+def compile_variant(
+    model,
+    size,
+    channels,
+    batch,
+    forward: bool,
+    table: tuning.Tuning,
+    xla_options: dict[str, str] | None = None,
+):
+    """(a callable running one compiled step (or forward) of ``model`` traced under ``table``
+    and compiled with ``xla_options`` over ``cpu_runtime``'s, how many convolutions XLA runs in
+    it)."""
     _install(table)
     try:
         params = init_params(model, jax.random.key(0), size, channels)
@@ -73,11 +95,11 @@ def compile_variant(model, size, channels, batch, forward: bool, table: tuning.T
             options = cpu_runtime.compiler_options(jnp.dtype(model.dtype).name, model.kernels)
             apply = jax.jit(
                 lambda p, x, t: model.apply({"params": p}, x, t, train=False),
-                compiler_options=options,
+                compiler_options={**options, **(xla_options or {})},
             )
             compiled = apply.lower(params, x, t).compile()
             return (lambda: compiled(params, x, t).block_until_ready()), _convolutions(compiled)
-        step, opt = make_train_step(model)
+        step, opt = make_train_step(model, xla_options=xla_options)
         state = [params, opt.init(params)]
         rng = jax.random.key(1)
         compiled = step.lower(state[0], state[1], x, t, target, rng).compile()
@@ -100,16 +122,25 @@ def main() -> None:
     p.add_argument("--forward", action="store_true", help="time the forward (sampling) only")
     p.add_argument("--variant", action="append", required=True, help="'field=value;...'")
     args = p.parse_args()
-    tables = [dataclasses.replace(tuning.TUNING, **parse_variant(v)) for v in args.variant]
+    parsed = [parse_variant(v) for v in args.variant]
+    tables = [dataclasses.replace(tuning.TUNING, **fields) for fields, _ in parsed]
 
     print(environment())
     model, size, channels = make_model(args.workload, getattr(jnp, args.dtype))
     what = "forward" if args.forward else "train step"
     print(f"{args.workload} b{args.batch} {args.dtype} {what}, {args.runs} alternating rounds")
     runs = []
-    for text, table in zip(args.variant, tables, strict=True):
+    for text, table, (_, options) in zip(args.variant, tables, parsed, strict=True):
         t0 = time.perf_counter()
-        run, convs = compile_variant(model, size, channels, args.batch, args.forward, table)
+        try:
+            run, convs = compile_variant(
+                model, size, channels, args.batch, args.forward, table, options
+            )
+        except Exception as e:  # XLA rejects an option: name it in one line
+            if not options:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"--variant {text!r} did not compile: {first}") from None
         runs.append(run)
         print(
             f"  compiled {text or '(as committed)'} in {time.perf_counter() - t0:.1f} s: "

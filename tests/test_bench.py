@@ -2,6 +2,7 @@
 that no longer runs against the library is a broken measurement. Each runs as a subprocess,
 as a user would start it, and must print its result line."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -113,13 +114,42 @@ def test_tuning_ab_names_a_bad_field_and_the_allowed_ones():
     assert "'winograd_min_channels=abc': the value must be a Python literal" in res.stderr
 
 
-def _trace_summary():
+def test_tuning_ab_variant_splits_table_fields_from_xla_options(monkeypatch):
+    # bench/common.py would otherwise set this test process's malloc to keep freed memory.
+    monkeypatch.setenv("DIFFJAX_REUSE_FREED_MEMORY", "0")
+    tuning_ab = _bench_module("tuning_ab")
+    fields, options = tuning_ab.parse_variant(
+        "winograd_min_channels=64; xla:xla_cpu_experimental_ynn_fusion_type=;"
+        "xla:xla_cpu_max_isa=AVX2"
+    )
+    assert fields == {"winograd_min_channels": 64}
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_max_isa": "AVX2"}
+    assert tuning_ab.parse_variant("") == ({}, {})
+
+
+@pytest.mark.slow  # one subprocess that traces the digits U-Net
+def test_tuning_ab_names_an_xla_option_that_xla_rejects():
+    # The option reaches XLA's compile (which knows no such option) and comes back as one line.
+    res = _bench(
+        "tuning_ab.py",
+        *"--workload=digits --batch=2 --runs=1 --forward".split(),
+        "--variant=xla:xla_no_such_option=1",
+        timeout=300,
+    )
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--variant 'xla:xla_no_such_option=1' did not compile: " in res.stderr
+    assert "xla_no_such_option" in res.stderr.rsplit("did not compile", 1)[1]
+
+
+def _bench_module(name):
     bench = os.path.join(ROOT, "bench")
     if bench not in sys.path:
         sys.path.insert(0, bench)
-    import trace_summary
+    return importlib.import_module(name)
 
-    return trace_summary
+
+def _trace_summary():
+    return _bench_module("trace_summary")
 
 
 @settings(max_examples=50, deadline=None)
