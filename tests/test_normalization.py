@@ -78,9 +78,13 @@ def test_group_norm_value_and_gradients_match_float64(case):
     def f(xx, ss, bb):
         return group_norm(xx, ss, bb, groups, EPS, jnp.float32, swish)
 
+    @jax.jit  # one program per example, not one per operation
+    def value_and_grads(xx, ss, bb, g):
+        y, vjp = jax.vjp(f, xx, ss, bb)
+        return y, vjp(g)
+
     args32 = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
-    y, vjp = jax.vjp(f, *args32)
-    got_grads = vjp(jnp.asarray(dy, jnp.float32))
+    y, got_grads = value_and_grads(*args32, jnp.asarray(dy, jnp.float32))
     # Inputs are rounded to float32 first; compare against the reference at those inputs.
     x32, s32, b32 = (np.asarray(a, np.float64) for a in args32)
     # Values: normalised entries are O(1) (|x - mean| / std <= sqrt(n) ~ 6); float32 rounding of

@@ -72,7 +72,7 @@ def test_qemu_runs_each_child_under_the_emulator_and_holds_the_gates_to_avx2(tmp
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.slow  # three fresh processes, each compiling a U-Net: about 1.5 minutes on 2 cores
+@pytest.mark.slow  # three fresh processes, each compiling a U-Net: about a minute on 2 cores
 def test_quick_soak_held_to_avx2_has_no_hang_and_no_crash(tmp_path):
     # --idle 60: a child on a loaded 2-core machine (pytest -n 2) may wait its turn, but a
     # deadlocked one uses no CPU at all.

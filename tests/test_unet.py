@@ -251,6 +251,17 @@ _BT = {
 }
 
 
+_jit_winograd_input = jax.jit(W.winograd_input, static_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_vjp(fn, args, cotangent):
+    """fn(*args) and its VJP at ``cotangent``, as one program (eagerly, every operation of fn
+    compiles on its own for each new shape)."""
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cotangent)
+
+
 @settings(max_examples=15, deadline=None)
 @given(**_TILED_MAPS, m=st.sampled_from([2, 4]), bf16=st.booleans())
 def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
@@ -266,7 +277,7 @@ def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
     shape = (batch, m * tiles_h, m * tiles_w, channels)
     x = rng.integers(-127, 128, shape) * 2.0 ** rng.integers(0, 5, shape)  # float64
     dtype = jnp.bfloat16 if bf16 else jnp.float32
-    out = W.winograd_input(jnp.asarray(x, dtype), m)
+    out = _jit_winograd_input(jnp.asarray(x, dtype), m)  # one program, not one per op
     assert out.dtype == dtype
     got = np.asarray(out.astype(jnp.float32))
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -400,8 +411,9 @@ def test_softmax_and_its_vjp_match_the_float64_closed_form(rows, cols, offset, s
     # float64 closed form of the float32 logits, so only the computation's own error remains.
     s = (rng.normal(0.0, 3.0, (rows, cols)) + offset).astype(np.float32).astype(np.float64)
     g = rng.normal(0.0, 1.0, (rows, cols)).astype(np.float32).astype(np.float64)
-    p, vjp = jax.vjp(M.softmax, jnp.asarray(s, jnp.float32))
-    (ds,) = vjp(jnp.asarray(g, jnp.float32))
+    p, (ds,) = _value_and_vjp(
+        M.softmax, (jnp.asarray(s, jnp.float32),), jnp.asarray(g, jnp.float32)
+    )
     e = np.exp(s - s.max(-1, keepdims=True))
     want_p = e / e.sum(-1, keepdims=True)
     # The Jacobian diag(p) - p p^T applied to g, row by row.
@@ -563,8 +575,7 @@ def test_add_per_sample_and_its_gradients_match_float64(shape, bf16, seed):
     b, _, _, c = shape
     h, g = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
     t = jnp.asarray(rng.normal(size=(b, c)), dtype)
-    out, vjp = jax.vjp(E.add_per_sample, h, t)
-    dh, dt = vjp(g)
+    out, (dh, dt) = _value_and_vjp(E.add_per_sample, (h, t), g)
     assert out.dtype == dh.dtype == dt.dtype == dtype
     h64, t64, g64 = (np.asarray(a, np.float64) for a in (h, t, g))
     want = h64 + t64[:, None, None, :]
