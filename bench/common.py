@@ -62,12 +62,22 @@ def make_model(name: str, dtype=jnp.float32, kernels: str = "tuned") -> tuple[UN
     return UNet(**fields, dtype=dtype, kernels=kernels), size, channels
 
 
+def compiler_options(model: UNet, xla_options: dict[str, str] | None = None) -> dict[str, str]:
+    """The per-program XLA options of ``model``'s programs: ``cpu_runtime``'s fusion types for
+    its compute dtype (none with DIFFJAX_YNN_FUSIONS=0), updated with ``xla_options`` (an A/B's)."""
+    options = (
+        cpu_runtime.compiler_options(jnp.dtype(model.dtype).name, model.kernels)
+        if YNN_FUSIONS
+        else {}
+    )
+    return {**options, **(xla_options or {})}
+
+
 def make_train_step(
     model: UNet, lr: float = 2e-4, xla_options: dict[str, str] | None = None
 ) -> tuple[Callable, optax.GradientTransformation]:
     """Jitted train step: forward + MSE to the target + backward + Adam update (params donated),
-    compiled with ``cpu_runtime``'s fusion types for the model's compute dtype, updated with
-    ``xla_options`` (an A/B's per-program XLA options)."""
+    compiled with ``compiler_options(model, xla_options)``."""
     opt = optax.adam(lr)
 
     def loss_fn(params, x, t, target, rng):
@@ -79,12 +89,7 @@ def make_train_step(
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    options = (
-        cpu_runtime.compiler_options(jnp.dtype(model.dtype).name, model.kernels)
-        if YNN_FUSIONS
-        else {}
-    )
-    options = {**options, **(xla_options or {})}
+    options = compiler_options(model, xla_options)
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=options), opt
 
 

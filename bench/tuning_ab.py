@@ -31,10 +31,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import WORKLOADS, environment, make_inputs, make_model, make_train_step  # noqa: E402
+from common import (  # noqa: E402
+    WORKLOADS,
+    compiler_options,
+    environment,
+    make_inputs,
+    make_model,
+    make_train_step,
+)
 
 import diffjax.kernels.tuned  # noqa: E402, F401  (imports every module that binds TUNING)
-from diffjax.kernels import cpu_runtime, tuning  # noqa: E402
+from diffjax.kernels import tuning  # noqa: E402
 from diffjax.models import init_params  # noqa: E402
 
 XLA_PREFIX = "xla:"
@@ -92,10 +99,9 @@ def compile_variant(
         params = init_params(model, jax.random.key(0), size, channels)
         x, t, target = make_inputs(batch, size, channels)
         if forward:
-            options = cpu_runtime.compiler_options(jnp.dtype(model.dtype).name, model.kernels)
             apply = jax.jit(
                 lambda p, x, t: model.apply({"params": p}, x, t, train=False),
-                compiler_options={**options, **(xla_options or {})},
+                compiler_options=compiler_options(model, xla_options),
             )
             compiled = apply.lower(params, x, t).compile()
             return (lambda: compiled(params, x, t).block_until_ready()), _convolutions(compiled)
