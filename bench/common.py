@@ -12,6 +12,7 @@ from importlib import metadata
 import jax
 import jax.numpy as jnp
 import optax
+import ynn_isa
 
 from diffjax import kernels
 from diffjax.kernels import cpu_runtime
@@ -26,6 +27,13 @@ REUSE_FREED_MEMORY = cpu_runtime.env_enabled("DIFFJAX_REUSE_FREED_MEMORY") and (
     cpu_runtime.reuse_freed_memory()
 )
 YNN_FUSIONS = cpu_runtime.env_enabled("DIFFJAX_YNN_FUSIONS")
+# DIFFJAX_BENCH_YNN_ISA=AVX2 holds YNNPACK to its AVX2 kernels (ynn_isa.py), before any kernel
+# is chosen: with --xla_cpu_max_isa=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2 every library of jaxlib
+# then runs what it runs on an AVX2-only CPU.
+try:
+    YNN_HOLD = ynn_isa.hold_from_env()
+except ynn_isa.HoldError as e:
+    raise SystemExit(f"error: {e}") from None
 
 # name -> (UNet fields, image size, channels). FLOPs per image are taken from XLA's cost analysis.
 WORKLOADS = {
@@ -170,7 +178,8 @@ def environment(kernels_name: str = "tuned") -> str:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}, "
         f"malloc reuses freed memory: {'yes' if REUSE_FREED_MEMORY else 'no'}, "
-        f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}\n"
+        f"YNNPACK fusions: {'diffjax' if YNN_FUSIONS else 'XLA default'}, "
+        f"YNNPACK ISA: {YNN_HOLD or 'this CPU'}\n"
         f"float32 {kernels.describe(kernels_name, 'float32')}\n"
         f"bfloat16 {kernels.describe(kernels_name, 'bfloat16')}"
     )

@@ -17,15 +17,16 @@ Runs, by default the process environment's path (what ``train.py`` does; ``DIFFJ
 unset):
 
     python bench/soak.py --runs 60                  # 60 cells drawn from the matrix
-    python bench/soak.py --runs 60 --isa AVX2       # oneDNN and XLA held to AVX2
+    python bench/soak.py --runs 60 --isa AVX2       # oneDNN, XLA and YNNPACK held to AVX2
     python bench/soak.py --cells repros             # the reported hangs and crashes
     python bench/soak.py --cells quick --isa AVX2   # the reduced soak of the test suite
     python bench/soak.py --cells small32:float32:train_step:64:1 --onednn on
 
 ``--isa AVX2`` sets ``ONEDNN_MAX_CPU_ISA=AVX2`` and XLA's ``--xla_cpu_max_isa=AVX2`` in the
-children: XLA's own code and oneDNN then use AVX2, but YNNPACK (XLA:CPU's convolutions,
-products and reductions) still picks its AVX-512 kernels from CPUID (bench/README.md, "How
-faithful holding to AVX2 is"). ``--qemu EPYC-Milan`` runs each child under ``qemu-x86_64 -cpu
+children, and holds YNNPACK (XLA:CPU's convolutions, products and reductions) to its AVX2
+kernels (``DIFFJAX_BENCH_YNN_ISA=AVX2``, ``ynn_isa.py``): every library of jaxlib then runs the
+kernels of an AVX2-only CPU, at this CPU's speed (bench/README.md, "How faithful holding to AVX2
+is"). ``--qemu EPYC-Milan`` runs each child under ``qemu-x86_64 -cpu
 EPYC-Milan`` (Debian's ``qemu-user``), whose CPUID is a Zen 3's (AVX2 + FMA, no AVX-512), so every
 library picks the kernels it would pick there and any AVX-512 instruction is a SIGILL; it implies
 ``--isa AVX2``, because qemu-user passes the host's /proc/cpuinfo through to the gates that read it.
@@ -186,6 +187,9 @@ def run_cell(cell: Cell) -> str:
     if cell.op == "selftest_crash":
         os.abort()
 
+    import ynn_isa
+
+    held = ynn_isa.hold_from_env()  # --isa AVX2: before the first kernel choice
     from diffjax.kernels import cpu_runtime
 
     cpu_runtime.configure(cell.dtype, os.environ.get(KERNELS_ENV, "tuned"))  # as entry points do
@@ -250,7 +254,8 @@ def run_cell(cell: Cell) -> str:
     values = np.asarray(jax.tree.leaves(out)[0], np.float32)
     if not np.all(np.isfinite(values)):
         raise FloatingPointError(f"{cell.spec()}: non-finite output")
-    return f"{kernels}; {jax.local_device_count()} device(s)"
+    ynn = f"; {held}" if held else ""
+    return f"{kernels}; {jax.local_device_count()} device(s){ynn}"
 
 
 def _child_main(spec: str) -> int:
@@ -267,13 +272,20 @@ def _child_main(spec: str) -> int:
 # --- the parent --------------------------------------------------------------------------------
 
 
-def child_env(cell: Cell, isa: str | None, onednn: str) -> dict[str, str]:
+def child_env(cell: Cell, isa: str | None, onednn: str, hold_ynn: bool = True) -> dict[str, str]:
+    """The child's environment: ``isa`` held in oneDNN, XLA and (``hold_ynn``, for the levels
+    ``ynn_isa`` knows) YNNPACK."""
+    import ynn_isa
+
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     flags.append(f"--xla_force_host_platform_device_count={cell.devices}")
     env.pop("ONEDNN_MAX_CPU_ISA", None)
+    env.pop(ynn_isa.ENV, None)
     if isa:
         env["ONEDNN_MAX_CPU_ISA"] = isa
+        if hold_ynn and isa in ynn_isa.LEVELS:
+            env[ynn_isa.ENV] = isa
         flags = [f for f in flags if not f.startswith("--xla_cpu_max_isa")]
         flags.append(f"--xla_cpu_max_isa={isa}")
     env["XLA_FLAGS"] = " ".join(flags)
@@ -368,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--runs", type=int, default=60, help="cells drawn from the matrix")
     p.add_argument("--cells", help="'repros', 'quick', or a comma list WORKLOAD:DTYPE:OP:B:D[:S]")
-    p.add_argument("--isa", default=None, help="hold oneDNN and XLA to this ISA, e.g. AVX2")
+    p.add_argument(
+        "--isa", default=None, help="hold oneDNN, XLA and YNNPACK to this ISA, e.g. AVX2"
+    )
     p.add_argument(
         "--qemu", default=None, help="run children under qemu-x86_64 -cpu MODEL, e.g. EPYC-Milan"
     )
@@ -403,10 +417,15 @@ def main(argv: list[str] | None = None) -> int:
 
     where = f"qemu-x86_64 -cpu {args.qemu} on " if args.qemu else ""
     print(f"soak: {len(cells)} runs on {where}{cpu_runtime.describe_cpu()}", flush=True)
-    print(f"  ISA held to: {args.isa or 'no'}; oneDNN: {args.onednn}; idle {args.idle:.0f} s")
+    import ynn_isa
+
+    # Under qemu the CPUID is already the model's: YNNPACK needs no holding there.
+    hold_ynn = not args.qemu and args.isa in ynn_isa.LEVELS
+    held = f"{args.isa} (oneDNN, XLA{', YNNPACK' if hold_ynn else ''})" if args.isa else "no"
+    print(f"  ISA held to: {held}; oneDNN: {args.onednn}; idle {args.idle:.0f} s")
     results = []
     for i, cell in enumerate(cells, 1):
-        env = child_env(cell, args.isa, args.onednn)
+        env = child_env(cell, args.isa, args.onednn, hold_ynn)
         r = run_one(cell, env, args.idle, args.timeout, Path(args.logs), prefix)
         results.append(r)
         print(f"[{i}/{len(cells)}] {r.cell}: {r.status.upper()} {r.seconds:.1f} s  {r.detail}")

@@ -200,3 +200,73 @@ def test_digits_recipes_plan_table_and_cost_keys(tmp_path, monkeypatch):
     assert "11.00 (10.00-12.00)" in row and "4.600 (4.500-4.700)" in row, row
     out = _bench("digits_recipes.py", "--out", str(tmp_path), "--recipes", "nope", timeout=120)
     assert out.returncode != 0 and "--recipes nope unknown; allowed: default," in out.stderr
+
+
+_HELD_PROGRAM = r"""
+import common, ynn_isa
+import jax, jax.numpy as jnp, numpy as np
+held = ynn_isa.current_flags()  # held before any kernel choice
+x = np.random.default_rng(0).standard_normal((2, 16, 16, 8), dtype=np.float32)  # [B, H, W, C]
+w = np.random.default_rng(1).standard_normal((3, 3, 8, 16), dtype=np.float32)  # [KH, KW, I, O]
+conv = lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+y = np.asarray(jax.jit(conv)(x, w))
+ref = np.asarray(conv(x.astype(np.float64), w.astype(np.float64)))
+a = x.reshape(-1, 8)
+err = max(np.abs(y - ref).max(), np.abs(np.asarray(jax.jit(jnp.dot)(a, a.T)) - a @ a.T).max())
+try:
+    ynn_isa.hold("AVX2")
+    again = "held twice"
+except ynn_isa.HoldError as e:
+    again = str(e)
+print(f"before={held} after={ynn_isa.current_flags()} err={err:.2e} again={again}")
+"""
+
+
+def _read(path):
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def _held_run(isa):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["DIFFJAX_BENCH_YNN_ISA"] = isa
+    env["JAX_ENABLE_X64"] = "true"  # the float64 reference
+    return subprocess.run(
+        [sys.executable, "-c", _HELD_PROGRAM], capture_output=True, text=True, timeout=300,
+        env=env, cwd=os.path.join(ROOT, "bench"),
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_ynn_hold_sets_ynnpack_to_avx2_before_its_first_kernel_choice_and_keeps_it():
+    from diffjax.kernels import cpu_runtime
+
+    res = _held_run("AVX2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"before=(\d+) after=(\d+) err=(\S+) again=(.*)", res.stdout)
+    assert m, res.stdout
+    # The bits of sse2, ssse3, sse4_1, avx, f16c, avx2 and fma (ynnpack/base/arch.h), those this
+    # CPU has; YNNPACK's first kernel choices must not have overwritten them from CPUID.
+    bits = {"sse2": 0, "ssse3": 1, "sse4_1": 2, "avx": 3, "f16c": 4, "avx2": 5, "fma": 6}
+    want = sum(1 << b for f, b in bits.items() if f in cpu_runtime.cpu_flags())
+    assert int(m[1]) == int(m[2]) == want
+    # The AVX2 kernels compute the same convolution and product: float32 sums of 72 and 8
+    # products of N(0, 1) values, well within 1e-3 of float64.
+    assert float(m[3]) < 1e-3
+    assert m[4].startswith("YNNPACK already chose kernels in this process (arch flags ")
+
+    res = _held_run("SSE9")  # a level it does not know: one line, no traceback
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert (
+        "error: DIFFJAX_BENCH_YNN_ISA='SSE9' is not a level YNNPACK can be held to; "
+        "allowed: AVX2" in res.stderr
+    )
+
+
+@pytest.mark.skipif("avx512f" not in _read("/proc/cpuinfo"), reason="needs a CPU with AVX-512")
+def test_unheld_ynnpack_takes_this_cpus_avx512_features():
+    # So the held run above has something to change: unheld, the same program sees AVX-512.
+    res = _held_run("")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"before=None after=(\d+) ", res.stdout)
+    assert m and int(m[1]) & ~0x7F, res.stdout

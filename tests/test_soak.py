@@ -1,6 +1,6 @@
 """The reduced soak (bench/soak.py --cells quick): fresh processes under a hang watchdog.
 
-It holds oneDNN and XLA to AVX2 and asks for oneDNN (``--onednn on``), the setting in which the
+It holds oneDNN, XLA and YNNPACK to AVX2 and asks for oneDNN (``--onednn on``), the setting in which the
 U-Net hung (oneDNN's nested gemm) and bfloat16 killed the process (SIGILL) before oneDNN was
 gated: every run must now end normally, on the default XLA path. The soak's own detectors are
 checked first, on a child that stalls without CPU and one that aborts.
@@ -83,3 +83,5 @@ def test_quick_soak_held_to_avx2_has_no_hang_and_no_crash(tmp_path):
     assert len(results) == 3 and all(r["status"] == "ok" for r in results)
     # The switch was refused for the ISA, with the reason, and the runs took XLA's kernels.
     assert all("ONEDNN_MAX_CPU_ISA=AVX2 is below" in r["detail"] for r in results), results
+    # YNNPACK was held too, to the AVX2 features this CPU has (bench/ynn_isa.py).
+    assert all("YNNPACK held to AVX2 (arch flags 0x" in r["detail"] for r in results), results
