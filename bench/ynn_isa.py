@@ -45,36 +45,61 @@ def library_path() -> str:
     return os.path.realpath(os.path.join(os.path.dirname(jaxlib.__file__), _LIBRARY))
 
 
+def _symtab(m: mmap.mmap, path: str) -> tuple[int, int, range] | None:
+    """(string table start, its end, the byte offsets of the symbols) of the ELF64 ``.symtab``
+    in ``m``; None without one. Local symbols live only there, not in the dynamic table that
+    ``dlsym`` reads."""
+    if m[:4] != b"\x7fELF" or m[4] != 2 or m[5] != 1:
+        raise HoldError(f"{path}: not a little-endian ELF64 file")
+    (shoff,) = struct.unpack_from("<Q", m, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", m, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", m, shoff + i * shentsize) for i in range(shnum)]
+    symtab = next((s for s in sections if s[1] == 2), None)  # SHT_SYMTAB
+    if symtab is None:
+        return None
+    strtab = sections[symtab[6]]  # sh_link
+    return strtab[4], strtab[4] + strtab[5], range(symtab[4], symtab[4] + symtab[5], symtab[9])
+
+
 def symbol_offsets(path: str, names: list[bytes]) -> dict[bytes, int]:
-    """``st_value`` of each of ``names`` in the ELF64 ``.symtab`` of ``path`` (missing ones are
-    left out). Local symbols live only there, not in the dynamic table ``dlsym`` reads."""
+    """``st_value`` of each of ``names`` in the ``.symtab`` of ``path`` (missing ones are left
+    out)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != b"\x7fELF" or m[4] != 2 or m[5] != 1:
-            raise HoldError(f"{path}: not a little-endian ELF64 file")
-        (shoff,) = struct.unpack_from("<Q", m, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", m, 0x3A)
-        sections = [
-            struct.unpack_from("<IIQQQQIIQQ", m, shoff + i * shentsize) for i in range(shnum)
-        ]
-        symtab = next((s for s in sections if s[1] == 2), None)  # SHT_SYMTAB
-        if symtab is None:
+        table = _symtab(m, path)
+        if table is None:
             return {}
-        strtab = sections[symtab[6]]  # sh_link
-        str_start, str_end = strtab[4], strtab[4] + strtab[5]
-        wanted = {}
+        str_start, str_end, entries = table
+        wanted = {}  # string-table offset -> name; a name may also be the tail of a longer one
         for name in names:
-            at = m.find(b"\0" + name + b"\0", str_start, str_end)
-            if at >= 0:
-                wanted[at + 1 - str_start] = name
+            at = m.find(name + b"\0", str_start, str_end)
+            while at >= 0:
+                wanted[at - str_start] = name
+                at = m.find(name + b"\0", at + 1, str_end)
         found = {}
-        entsize = symtab[9]
-        for i in range(symtab[4], symtab[4] + symtab[5], entsize):
+        for i in entries:
             (st_name,) = struct.unpack_from("<I", m, i)
             if st_name in wanted:
                 found[wanted[st_name]] = struct.unpack_from("<Q", m, i + 8)[0]
-                if len(found) == len(wanted):
+                if len(found) == len(names):
                     break
         return found
+
+
+def function_names(path: str, prefix: bytes) -> list[bytes]:
+    """The (mangled) names of the function symbols in the ``.symtab`` of ``path`` that start
+    with ``prefix``."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        table = _symtab(m, path)
+        if table is None:
+            return []
+        str_start, str_end, entries = table
+        names = []
+        for i in entries:
+            st_name, st_info = struct.unpack_from("<IB", m, i)
+            at = str_start + st_name
+            if st_info & 0xF == 2 and m[at : at + len(prefix)] == prefix:  # STT_FUNC
+                names.append(m[at : m.find(b"\0", at, str_end)])
+        return names
 
 
 def load_base(path: str) -> int:

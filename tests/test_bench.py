@@ -270,3 +270,23 @@ def test_unheld_ynnpack_takes_this_cpus_avx512_features():
     assert res.returncode == 0, res.stderr[-3000:]
     m = re.search(r"before=None after=(\d+) ", res.stdout)
     assert m and int(m[1]) & ~0x7F, res.stdout
+
+
+def test_ynn_function_names_reads_the_local_symbols_of_jaxlib():
+    ynn_isa = _bench_module("ynn_isa")
+    names = ynn_isa.function_names(ynn_isa.library_path(), b"_ZN3ynn")
+    assert b"_ZN3ynn24get_supported_arch_flagsEv" in names  # a local (non-dynamic) symbol
+    assert all(n.startswith(b"_ZN3ynn") for n in names)
+    # Kernels of both levels are there to choose from: AVX-512 and AVX2 + FMA.
+    assert any(b"_avx512" in n for n in names)
+    assert any(b"fma3" in n for n in names)
+
+
+def test_ynn_kernels_names_a_missing_gdb_in_one_line(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "ynn_kernels.py")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "gdb is not on PATH (Debian: gdb)" in res.stderr

@@ -1,9 +1,9 @@
 """The reduced soak (bench/soak.py --cells quick): fresh processes under a hang watchdog.
 
-It holds oneDNN, XLA and YNNPACK to AVX2 and asks for oneDNN (``--onednn on``), the setting in which the
-U-Net hung (oneDNN's nested gemm) and bfloat16 killed the process (SIGILL) before oneDNN was
-gated: every run must now end normally, on the default XLA path. The soak's own detectors are
-checked first, on a child that stalls without CPU and one that aborts.
+It holds oneDNN, XLA and YNNPACK to AVX2 and asks for oneDNN (``--onednn on``), the setting in
+which the U-Net hung (oneDNN's nested gemm) and bfloat16 killed the process (SIGILL) before
+oneDNN was gated: every run must now end normally, on the default XLA path. The soak's own
+detectors are checked first, on a child that stalls without CPU and one that aborts.
 """
 
 from __future__ import annotations
