@@ -52,6 +52,8 @@ import sys
 import time
 from pathlib import Path
 
+import ynn_isa
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("digits", "small32", "cifar10")
 DTYPES = ("float32", "bfloat16")
@@ -187,8 +189,6 @@ def run_cell(cell: Cell) -> str:
     if cell.op == "selftest_crash":
         os.abort()
 
-    import ynn_isa
-
     held = ynn_isa.hold_from_env()  # --isa AVX2: before the first kernel choice
     from diffjax.kernels import cpu_runtime
 
@@ -275,8 +275,6 @@ def _child_main(spec: str) -> int:
 def child_env(cell: Cell, isa: str | None, onednn: str, hold_ynn: bool = True) -> dict[str, str]:
     """The child's environment: ``isa`` held in oneDNN, XLA and (``hold_ynn``, for the levels
     ``ynn_isa`` knows) YNNPACK."""
-    import ynn_isa
-
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     flags.append(f"--xla_force_host_platform_device_count={cell.devices}")
@@ -417,8 +415,6 @@ def main(argv: list[str] | None = None) -> int:
 
     where = f"qemu-x86_64 -cpu {args.qemu} on " if args.qemu else ""
     print(f"soak: {len(cells)} runs on {where}{cpu_runtime.describe_cpu()}", flush=True)
-    import ynn_isa
-
     # Under qemu the CPUID is already the model's: YNNPACK needs no holding there.
     hold_ynn = not args.qemu and args.isa in ynn_isa.LEVELS
     held = f"{args.isa} (oneDNN, XLA{', YNNPACK' if hold_ynn else ''})" if args.isa else "no"

@@ -85,3 +85,22 @@ def test_quick_soak_held_to_avx2_has_no_hang_and_no_crash(tmp_path):
     assert all("ONEDNN_MAX_CPU_ISA=AVX2 is below" in r["detail"] for r in results), results
     # YNNPACK was held too, to the AVX2 features this CPU has (bench/ynn_isa.py).
     assert all("YNNPACK held to AVX2 (arch flags 0x" in r["detail"] for r in results), results
+
+
+def test_child_env_holds_every_library_only_where_asked(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import soak
+
+    cell = soak.Cell.parse("digits:float32:jit_apply:2:2")
+    monkeypatch.setenv("DIFFJAX_BENCH_YNN_ISA", "AVX2")  # never inherited: the flags decide
+    env = soak.child_env(cell, None, "default")
+    assert "DIFFJAX_BENCH_YNN_ISA" not in env and "ONEDNN_MAX_CPU_ISA" not in env
+    assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"]
+    env = soak.child_env(cell, "AVX2", "default")
+    assert env["DIFFJAX_BENCH_YNN_ISA"] == env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "--xla_cpu_max_isa=AVX2" in env["XLA_FLAGS"].split()
+    # Under qemu (hold_ynn=False) the emulated CPUID already holds YNNPACK.
+    assert "DIFFJAX_BENCH_YNN_ISA" not in soak.child_env(cell, "AVX2", "default", False)
+    # A level YNNPACK has no hold for still holds oneDNN and XLA.
+    env = soak.child_env(cell, "AVX512_CORE", "default")
+    assert "DIFFJAX_BENCH_YNN_ISA" not in env and env["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
