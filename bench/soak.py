@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak: {len(cells)} runs on {where}{cpu_runtime.describe_cpu()}", flush=True)
     # Under qemu the CPUID is already the model's: YNNPACK needs no holding there.
     hold_ynn = not args.qemu and args.isa in ynn_isa.LEVELS
+    why_not = ynn_isa.unavailable() if hold_ynn else None
+    if why_not:
+        print(f"  YNNPACK not held (it keeps this CPU's kernels): {why_not}")
+        hold_ynn = False
     held = f"{args.isa} (oneDNN, XLA{', YNNPACK' if hold_ynn else ''})" if args.isa else "no"
     print(f"  ISA held to: {held}; oneDNN: {args.onednn}; idle {args.idle:.0f} s")
     results = []

@@ -112,18 +112,35 @@ def load_base(path: str) -> int:
     raise HoldError(f"{path} is not loaded in this process")
 
 
+def unavailable() -> str | None:
+    """Why YNNPACK cannot be held in this environment (one line), None where it can."""
+    import jaxlib
+
+    path = library_path()
+    if not os.path.exists("/proc/self/maps"):
+        return "there is no /proc/self/maps to find jaxlib's memory in"
+    if not os.path.exists(path):
+        return f"jaxlib {jaxlib.__version__} has no {_LIBRARY}"
+    try:
+        found = symbol_offsets(path, [_FLAGS, _GUARD])
+    except HoldError as e:
+        return str(e)
+    if len(found) != 2:
+        return (
+            f"jaxlib {jaxlib.__version__}: {path} has no ynn::get_supported_arch_flags() "
+            "variables in its symbol table"
+        )
+    return None
+
+
 def _variables() -> tuple[ctypes.c_uint64, ctypes.c_uint8]:
     import jax  # noqa: F401  (loads the library)
 
+    why = unavailable()
+    if why:
+        raise HoldError(f"{why}; YNNPACK cannot be held here")
     path = library_path()
     offsets = symbol_offsets(path, [_FLAGS, _GUARD])
-    if len(offsets) != 2:
-        import jaxlib
-
-        raise HoldError(
-            f"jaxlib {jaxlib.__version__}: {path} has no ynn::get_supported_arch_flags() "
-            "variables in its symbol table; YNNPACK cannot be held here"
-        )
     base = load_base(path)
     return (
         ctypes.c_uint64.from_address(base + offsets[_FLAGS]),

@@ -84,6 +84,8 @@ def main() -> int:
         for n in ynn_isa.function_names(ynn_isa.library_path(), b"_ZN3ynn")
         if _ISA_NAME.search(n)
     ]
+    if not names:
+        p.error(f"{ynn_isa.library_path()} has no ISA-named YNNPACK functions in its symbol table")
     with tempfile.TemporaryDirectory() as tmp:
         names_file, script = os.path.join(tmp, "names.txt"), os.path.join(tmp, "hits.py")
         with open(names_file, "w") as f:

@@ -290,3 +290,16 @@ def test_ynn_kernels_names_a_missing_gdb_in_one_line(tmp_path):
     )  # fmt: skip
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "gdb is not on PATH (Debian: gdb)" in res.stderr
+
+
+def test_ynn_hold_names_what_is_missing_in_one_line(tmp_path, monkeypatch):
+    ynn_isa = _bench_module("ynn_isa")
+    assert ynn_isa.unavailable() is None  # this jaxlib: the two variables are in .symtab
+    # A library without them: a copy of the python executable (an ELF64 with no YNNPACK).
+    fake = tmp_path / "libjax_common.so"
+    fake.write_bytes(open(sys.executable, "rb").read())
+    monkeypatch.setattr(ynn_isa, "library_path", lambda: str(fake))
+    why = ynn_isa.unavailable()
+    assert why and "has no ynn::get_supported_arch_flags() variables in its symbol table" in why
+    with pytest.raises(ynn_isa.HoldError, match="YNNPACK cannot be held here"):
+        ynn_isa.hold("AVX2")

@@ -83,8 +83,13 @@ def test_quick_soak_held_to_avx2_has_no_hang_and_no_crash(tmp_path):
     assert len(results) == 3 and all(r["status"] == "ok" for r in results)
     # The switch was refused for the ISA, with the reason, and the runs took XLA's kernels.
     assert all("ONEDNN_MAX_CPU_ISA=AVX2 is below" in r["detail"] for r in results), results
-    # YNNPACK was held too, to the AVX2 features this CPU has (bench/ynn_isa.py).
-    assert all("YNNPACK held to AVX2 (arch flags 0x" in r["detail"] for r in results), results
+    # YNNPACK was held too, to the AVX2 features this CPU has (bench/ynn_isa.py), where this
+    # jaxlib lets it be; elsewhere the soak says why not, once.
+    if "YNNPACK not held" in res.stdout:
+        assert "ISA held to: AVX2 (oneDNN, XLA);" in res.stdout
+    else:
+        assert "ISA held to: AVX2 (oneDNN, XLA, YNNPACK);" in res.stdout
+        assert all("YNNPACK held to AVX2 (arch flags 0x" in r["detail"] for r in results)
 
 
 def test_child_env_holds_every_library_only_where_asked(monkeypatch):
