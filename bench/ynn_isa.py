@@ -18,6 +18,7 @@ one-line error, never a silent unheld run.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import struct
@@ -112,15 +113,12 @@ def load_base(path: str) -> int:
     raise HoldError(f"{path} is not loaded in this process")
 
 
-def unavailable() -> str | None:
-    """Why YNNPACK cannot be held in this environment (one line), None where it can."""
+@functools.cache
+def _offsets(path: str) -> dict[bytes, int] | str:
+    """The two variables' offsets in ``path``, or why they cannot be found there; the symbol
+    table is read once per process and library."""
     import jaxlib
 
-    path = library_path()
-    if not os.path.exists("/proc/self/maps"):
-        return "there is no /proc/self/maps to find jaxlib's memory in"
-    if not os.path.exists(path):
-        return f"jaxlib {jaxlib.__version__} has no {_LIBRARY}"
     try:
         found = symbol_offsets(path, [_FLAGS, _GUARD])
     except HoldError as e:
@@ -130,7 +128,20 @@ def unavailable() -> str | None:
             f"jaxlib {jaxlib.__version__}: {path} has no ynn::get_supported_arch_flags() "
             "variables in its symbol table"
         )
-    return None
+    return found
+
+
+def unavailable() -> str | None:
+    """Why YNNPACK cannot be held in this environment (one line), None where it can."""
+    import jaxlib
+
+    path = library_path()
+    if not os.path.exists("/proc/self/maps"):
+        return "there is no /proc/self/maps to find jaxlib's memory in"
+    if not os.path.exists(path):
+        return f"jaxlib {jaxlib.__version__} has no {_LIBRARY}"
+    found = _offsets(path)
+    return found if isinstance(found, str) else None
 
 
 def _variables() -> tuple[ctypes.c_uint64, ctypes.c_uint8]:
@@ -140,8 +151,7 @@ def _variables() -> tuple[ctypes.c_uint64, ctypes.c_uint8]:
     if why:
         raise HoldError(f"{why}; YNNPACK cannot be held here")
     path = library_path()
-    offsets = symbol_offsets(path, [_FLAGS, _GUARD])
-    base = load_base(path)
+    offsets, base = _offsets(path), load_base(path)
     return (
         ctypes.c_uint64.from_address(base + offsets[_FLAGS]),
         ctypes.c_uint8.from_address(base + offsets[_GUARD]),
