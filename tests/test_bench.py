@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,6 +47,10 @@ CASES = {
     "sampler_quality": (
         "sampler_quality.py --workdir={run} --num=4 --seeds=0 --rows=ddim:2,dpm++:2".split(),
         r"\| dpm\+\+ \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+    ),
+    "products": (
+        ["products.py", "--shapes=2x16x8x16", "--runs=1"],
+        r"(\| 2x16x8x16 \| (nn|nt|tn) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| (YNNPACK|XLA) \|\n){3}",
     ),
     "recipe": (
         "recipe.py --config=digits --batch=4 --steps=2 --runs=1 --warmup=1 --samples=2 "
@@ -102,6 +108,23 @@ def test_benchmark_runs_and_reports(name, tmp_path, request):
     res = _bench(*(a.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) for a in args))
     assert res.returncode == 0, res.stderr[-3000:]
     assert re.search(pattern, res.stdout), res.stdout[-3000:]
+
+
+def test_products_forms_store_the_same_product(monkeypatch):
+    # Each form must time B [M, K] x [K, N] products, whatever the layout it stores: checked
+    # against float64 products of the same operands (float32 sums of 8 terms: < 1e-5).
+    monkeypatch.setenv("DIFFJAX_REUSE_FREED_MEMORY", "0")
+    products = _bench_module("products")
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 5, 8)), rng.standard_normal((3, 8, 7))
+    expected = np.matmul(a, b)
+    for form in products.FORMS:
+        stored = products.stored(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), form)
+        got = np.asarray(products.product(*stored, form=form))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=form)
+    assert products.parse_shape("64x256x64x256") == (64, 256, 64, 256)
+    with pytest.raises(ValueError, match="'64x256x64': expected BxMxKxN"):
+        products.parse_shape("64x256x64")
 
 
 def test_tuning_ab_names_a_bad_field_and_the_allowed_ones():
