@@ -14,8 +14,8 @@ Each shape ``BxMxKxN`` is B independent [M, K] x [K, N] products, timed in three
 For each: median milliseconds, GFLOP/s (2 B M K N per call), the process's CPU time over wall
 time while it ran (1.0: one core busy; up to the core count), and the library of the compiled
 program (``YNNPACK``: an ``__ynn_fusion``; ``XLA``: XLA's own dot, on Eigen). The default shapes
-are the small32 train step's at batch 64 (bench/README.md, "Where small32's time stays"), and
-two with long rows, which show how YNNPACK parallelises::
+are the small32 train step's at batch 64 (bench/README.md, "Where small32's time stays, and
+why"), and two with long rows, which show how YNNPACK parallelises::
 
     python bench/products.py
     python bench/products.py --shapes 64x256x64x256 --forms nn,nt --runs 21
@@ -117,7 +117,11 @@ def main() -> None:
     forms = args.forms.split(",")
     bad = [f for f in forms if f not in FORMS]
     if bad or args.runs < 1:
-        p.error(f"--forms {','.join(bad)}: allowed {', '.join(FORMS)}" if bad else "--runs >= 1")
+        p.error(
+            f"--forms {','.join(bad)}: allowed {', '.join(FORMS)}"
+            if bad
+            else f"--runs {args.runs}: allowed >= 1"
+        )
     try:
         shapes = [parse_shape(s) for s in args.shapes.split(",")]
     except ValueError as e:
