@@ -1,5 +1,6 @@
 """Tests of the DDPM U-Net: architecture size, semantics of its parts, dtypes, errors."""
 
+import dataclasses
 import functools
 import math
 
@@ -226,6 +227,26 @@ def test_winograd_4x4_convolution_and_its_gradients_match_float64(
     assert_float32_conv_and_grads_match(_winograd_and_vjp(x, w, g, jnp.float32, 4), want)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("by_channel", [True, False], ids=["by_channel", "as_stored"])
+def test_winograd_kernel_gradient_in_either_layout_matches_float64(monkeypatch, m, by_channel):
+    # The kernel gradient reads the transformed input stored by channel where the products run
+    # on XLA (``TUNING.winograd_grad_by_channel``), as the forward stores it elsewhere (oneDNN):
+    # both must give the float64 gradients (tolerance as the F(4x4) test above), and the first
+    # must keep its layout behind an optimisation barrier, or XLA folds it back.
+    monkeypatch.setattr(
+        W, "TUNING", dataclasses.replace(TUNING, winograd_grad_by_channel=("xla",) * by_channel)
+    )
+    x, w, g, want = float64_case(2, 4 * m, 4 * m, 5, 6, 1, seed=11)
+    fn = jax.jit(
+        lambda a, b, c: conv_and_grads(
+            lambda p, q: W.conv3x3_winograd(p, q, jnp.float32, m), a, b, c
+        )
+    )
+    assert_float32_conv_and_grads_match(fn(x, w, g), want)
+    assert ("opt-barrier" in fn.lower(x, w, g).as_text("hlo")) == by_channel
+
+
 def test_winograd_tile_must_divide_the_map():
     x, w = jnp.zeros((1, 6, 6, 2)), jnp.zeros((3, 3, 2, 2))
     with pytest.raises(ValueError, match=r"m=4 for a 6x6 map; allowed: m in \[2, 4\]"):
@@ -252,6 +273,7 @@ _BT = {
 
 
 _jit_winograd_input = jax.jit(W.winograd_input, static_argnums=1)
+_jit_winograd_input_by_channel = jax.jit(W.winograd_input_by_channel, static_argnums=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -290,6 +312,12 @@ def test_winograd_input_is_bt_d_b_of_every_tile_rounded_once(
     want = np.asarray(jnp.asarray(want.reshape(t * t, -1, channels), dtype).astype(jnp.float32))
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+    # The same tiles stored by channel, [t^2, C, N] (what the kernel gradient reads).
+    by_channel = _jit_winograd_input_by_channel(jnp.asarray(x, dtype), m)
+    assert by_channel.dtype == dtype
+    np.testing.assert_array_equal(
+        np.asarray(by_channel.astype(jnp.float32)), np.swapaxes(want, 1, 2)
+    )
 
 
 def test_conv3x3_module_uses_winograd_exactly_where_the_rule_says():

@@ -31,6 +31,11 @@ class Tuning:
     winograd4_dtypes: tuple[Any, ...] = (jnp.dtype(jnp.float32),)
     winograd4_min_size: int = 8
     winograd4_min_rows: int = 256
+    # The libraries running Winograd's products ("xla", "onednn") for which its kernel gradient
+    # reads the transformed input stored channel by channel, [t^2, C, N]: XLA:CPU then gives
+    # that product to YNNPACK instead of its own transposed-operand kernel ("Winograd's kernel
+    # gradient from the input stored by channel").
+    winograd_grad_by_channel: tuple[str, ...] = ("xla",)
     # bfloat16 3x3 convolutions with at least this many input channels run as nine bfloat16
     # products: XLA:CPU computes bfloat16 convolutions in float32 ("bfloat16 convolutions").
     bf16_dot_conv_min_channels: int = 128

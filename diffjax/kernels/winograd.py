@@ -204,6 +204,14 @@ def winograd_input(x: jax.Array, m: int = 2) -> jax.Array:
     return tiles.reshape((m + 2) ** 2, b * (h // m) * (w // m), c).astype(x.dtype)
 
 
+def winograd_input_by_channel(x: jax.Array, m: int = 2) -> jax.Array:
+    """``winograd_input`` stored channel by channel: [(m + 2)^2, C, B H W / m^2]."""
+    b, h, w, c = x.shape
+    f = _TRANSFORMS[m]
+    tiles = f.tile_rows(f.tile_rows(pad1(x.astype(F32)), 1), 3)  # [m+2, m+2, B, H/m, W/m, C]
+    return jnp.moveaxis(tiles, -1, 2).reshape((m + 2) ** 2, c, -1).astype(x.dtype)
+
+
 def winograd_kernel(kernel: jax.Array, m: int = 2) -> jax.Array:
     """[3, 3, C, O] -> G g G^T: [(m + 2)^2, C, O] (float32), entries ordered (column, row)."""
     f = _TRANSFORMS[m]
@@ -267,19 +275,42 @@ def _winograd_fwd(x, kernel, dtype, m, onednn):
     return _winograd(x, kernel, dtype, m, onednn), (x, kernel)
 
 
+def _kernel_grad_as_stored(x: jax.Array, dp: jax.Array, m: int, onednn: bool) -> jax.Array:
+    """sum over tiles of v^T dp, v as the forward stores it ([t^2, N, C]): [t^2, C, O]."""
+    return dnn.bmm(winograd_input(x, m), dp, True, False, onednn)
+
+
+def _kernel_grad_by_channel(x: jax.Array, dp: jax.Array, m: int, onednn: bool) -> jax.Array:
+    """The same from v stored by channel ([t^2, C, N]): a product with no transposed operand.
+
+    The barrier keeps that layout: without it XLA folds the transpose back into the product,
+    and XLA:CPU runs a transposed first operand on its own kernel instead of YNNPACK's.
+    """
+    vc = jax.lax.optimization_barrier(winograd_input_by_channel(x, m))  # [t^2, C, N]
+    return dnn.bmm(vc, dp, False, False, onednn)
+
+
+# Whether the kernel gradient reads the input stored by channel -> how it is formed.
+_KERNEL_GRAD = {False: _kernel_grad_as_stored, True: _kernel_grad_by_channel}
+
+
 def _winograd_bwd(dtype, m, onednn, res, g):
     x, kernel = res
     b, h, w, _ = x.shape
     t = m + 2
     # The transforms are linear: their transposes carry the gradient back (float32 sums).
     dp = _output_transpose(g.astype(F32), dtype, m)  # [t^2, N, O]
-    v = winograd_input(x, m)  # [t^2, N, C], recomputed: 2.25-4x the input is not kept
     u = winograd_kernel(kernel, m).astype(dtype)
     dv = dnn.bmm(dp, u, False, True, onednn)  # float32 [t^2, N, C]
     dv = dv.reshape(t, t, b, h // m, w // m, -1)  # [cols, rows, B, H/m, W/m, C]
     untile = _TRANSFORMS[m].untile_rows
     dxp = untile(untile(dv, 3), 1)  # [B, H + 2, W + 2, C], padded
-    du = dnn.bmm(v, dp, True, False, onednn)  # [t^2, C, O]
+    # The transformed input is recomputed (2.25-4x the input is not kept), in the layout the
+    # library that runs the products takes fastest.
+    on_onednn = onednn and x.dtype == dp.dtype and dnn.supported(dp.dtype)  # as dnn.bmm decides
+    library = "onednn" if on_onednn else "xla"
+    by_channel = library in TUNING.winograd_grad_by_channel
+    du = _KERNEL_GRAD[by_channel](x, dp, m, onednn)  # [t^2, C, O]
     kernel_transform = functools.partial(winograd_kernel, m=m)
     (dk,) = jax.linear_transpose(kernel_transform, jax.ShapeDtypeStruct(kernel.shape, F32))(du)
     return dxp[:, 1:-1, 1:-1].astype(x.dtype), dk
