@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import environment  # noqa: E402
+from common import environment, median_seconds  # noqa: E402
 
 from diffjax.kernels import cpu_runtime  # noqa: E402
 
@@ -96,14 +96,9 @@ def time_form(shape: tuple[int, int, int, int], form: str, runs: int) -> dict:
     options = cpu_runtime.compiler_options("float32")
     compiled = jax.jit(functools.partial(product, form=form)).lower(a, b).compile(options)
     compiled(a, b).block_until_ready()
-    times = []
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        compiled(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    med, _ = median_seconds(lambda: compiled(a, b).block_until_ready(), warmup=0, runs=runs)
     busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    med = float(np.median(times))
     flops = 2.0 * np.prod(shape)
     return dict(ms=med * 1e3, gflops=flops / med / 1e9, busy=busy, library=library(compiled))
 

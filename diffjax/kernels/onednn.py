@@ -245,8 +245,12 @@ def bmm(
     ``onednn`` (asked for by a CPU program's kernels) and ``supported`` for the operands' dtype
     (one dtype for both), else XLA's ``dot_general``. Differentiate through a custom VJP made of
     ``bmm`` calls (as ``diffjax.kernels.matmul`` does), not through it."""
-    fast = onednn and a.dtype == b.dtype and supported(a.dtype)
-    return _BMM[fast](a, b, transpose_a, transpose_b)
+    return _BMM[bmm_on_onednn(a, b, onednn)](a, b, transpose_a, transpose_b)
+
+
+def bmm_on_onednn(a: jax.Array, b: jax.Array, onednn: bool) -> bool:
+    """Whether ``bmm(a, b, ..., onednn)`` runs on oneDNN: asked for, one dtype, supported."""
+    return onednn and a.dtype == b.dtype and supported(a.dtype)
 
 
 # --- availability ------------------------------------------------------------------------------

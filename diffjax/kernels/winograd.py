@@ -196,20 +196,22 @@ def winograd_input(x: jax.Array, m: int = 2) -> jax.Array:
     Summed in float32 and rounded once to x's dtype: bfloat16 sums would round each partial sum,
     and XLA:CPU computes every bfloat16 operation as a float32 one between two conversions.
     """
-    b, h, w, c = x.shape
-    f = _TRANSFORMS[m]
-    xp = pad1(x.astype(F32))  # [B, H+2, W+2, C]
-    rows = f.tile_rows(xp, 1)  # [m+2, B, H/m, W+2, C]
-    tiles = f.tile_rows(rows, 3)  # [m+2 (cols), m+2 (rows), B, H/m, W/m, C]
-    return tiles.reshape((m + 2) ** 2, b * (h // m) * (w // m), c).astype(x.dtype)
+    tiles = _input_tiles(x, m)  # [m+2 (cols), m+2 (rows), B, H/m, W/m, C]
+    return tiles.reshape((m + 2) ** 2, -1, x.shape[-1]).astype(x.dtype)
 
 
 def winograd_input_by_channel(x: jax.Array, m: int = 2) -> jax.Array:
     """``winograd_input`` stored channel by channel: [(m + 2)^2, C, B H W / m^2]."""
-    b, h, w, c = x.shape
+    tiles = _input_tiles(x, m)  # [m+2 (cols), m+2 (rows), B, H/m, W/m, C]
+    return jnp.moveaxis(tiles, -1, 2).reshape((m + 2) ** 2, x.shape[-1], -1).astype(x.dtype)
+
+
+def _input_tiles(x: jax.Array, m: int) -> jax.Array:
+    """B^T d B of every tile of [B, H, W, C], in float32:
+    [m+2 (cols), m+2 (rows), B, H/m, W/m, C]."""
     f = _TRANSFORMS[m]
-    tiles = f.tile_rows(f.tile_rows(pad1(x.astype(F32)), 1), 3)  # [m+2, m+2, B, H/m, W/m, C]
-    return jnp.moveaxis(tiles, -1, 2).reshape((m + 2) ** 2, c, -1).astype(x.dtype)
+    rows = f.tile_rows(pad1(x.astype(F32)), 1)  # [m+2, B, H/m, W+2, C]
+    return f.tile_rows(rows, 3)
 
 
 def winograd_kernel(kernel: jax.Array, m: int = 2) -> jax.Array:
@@ -307,8 +309,7 @@ def _winograd_bwd(dtype, m, onednn, res, g):
     dxp = untile(untile(dv, 3), 1)  # [B, H + 2, W + 2, C], padded
     # The transformed input is recomputed (2.25-4x the input is not kept), in the layout the
     # library that runs the products takes fastest.
-    on_onednn = onednn and x.dtype == dp.dtype and dnn.supported(dp.dtype)  # as dnn.bmm decides
-    library = "onednn" if on_onednn else "xla"
+    library = "onednn" if dnn.bmm_on_onednn(x, dp, onednn) else "xla"
     by_channel = library in TUNING.winograd_grad_by_channel
     du = _KERNEL_GRAD[by_channel](x, dp, m, onednn)  # [t^2, C, O]
     kernel_transform = functools.partial(winograd_kernel, m=m)
